@@ -110,8 +110,9 @@ class Checkpointer:
         return resume
 
     # --------------------------------------------------------------------------------------------- saving
-    def save(self, step: int, engine, snapshots, state: dict[str, Any]) -> str:
-        """Write checkpoint ``step`` atomically; returns its final path."""
+    def save(self, step: int, engine, snapshots, state: dict[str, Any], rank_state: dict | None = None) -> str:
+        """Write checkpoint ``step`` atomically; returns its final path. ``rank_state``: this rank's method tensors
+        (``Method.rank_state``), written as ``method_rank{r}.pt`` when not empty."""
         final = os.path.join(self.root, f"{PREFIX}{step:08d}")
         tmp = os.path.join(self.root, f"{TMP_PREFIX}{PREFIX}{step:08d}")
         d = self.dist
@@ -129,6 +130,8 @@ class Checkpointer:
             torch.save(snapshots.state_dict() if snapshots is not None else {},
                        os.path.join(tmp, f"snapshots_rank{d.rank}.pt"))
             torch.save(rng_state(), os.path.join(tmp, f"rng_rank{d.rank}.pt"))
+            if rank_state:
+                torch.save(rank_state, os.path.join(tmp, f"method_rank{d.rank}.pt"))
             if d.is_main:
                 _pause_for_tests(step)
                 with open(os.path.join(tmp, "state.json"), "w") as f:
@@ -167,7 +170,8 @@ class Checkpointer:
                 p.data.view(-1).copy_(parts.reshape(-1)[: p.ds_numel])
 
     def load(self, path: str, engine, snapshots) -> dict:
-        """Restore engine (weights, optimizer, LR schedule), snapshots and RNG from ``path``; returns state.json."""
+        """Restore engine (weights, optimizer, LR schedule), snapshots and RNG from ``path``; returns state.json,
+        with this rank's method tensors (``method_rank{r}.pt``, ``{}`` when absent) under ``"rank_state"``."""
         with open(os.path.join(path, "state.json")) as f:
             state = json.load(f)
         if state.get("world_size") != self.dist.world_size:
@@ -183,4 +187,6 @@ class Checkpointer:
             snapshots.load_state_dict(torch.load(os.path.join(path, f"snapshots_rank{self.dist.rank}.pt"),
                                                  weights_only=False))
         set_rng_state(torch.load(os.path.join(path, f"rng_rank{self.dist.rank}.pt"), weights_only=False))
+        method_file = os.path.join(path, f"method_rank{self.dist.rank}.pt")
+        state["rank_state"] = torch.load(method_file, weights_only=False) if os.path.isfile(method_file) else {}
         return state

@@ -150,6 +150,7 @@ def build(cfg: Config) -> tuple[Context, int]:
         state = ckpt.load(resume, engine, snapshots)
         sampler.check_state_dict(state["sampler"])
         method.load_state_dict(state.get("method", {}))
+        method.load_rank_state(state["rank_state"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
     logger = RunLogger(run_dir, cfg, dist.is_main, cfg.train.epochs)
     if dist.is_main and not resume:
@@ -239,4 +240,4 @@ def evaluate(ctx: Context) -> dict:
 def save_checkpoint(ctx: Context, next_epoch: int) -> str:
     state = {"epoch": next_epoch, "method": ctx.method.state_dict(), "sampler": ctx.sampler.state_dict(),
              "config": to_dict(ctx.cfg), "algo": to_dict(ctx.cfg.algo)}
-    return ctx.checkpointer.save(ctx.global_step, ctx.engine, ctx.snapshots, state)
+    return ctx.checkpointer.save(ctx.global_step, ctx.engine, ctx.snapshots, state, ctx.method.rank_state())

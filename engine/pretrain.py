@@ -71,6 +71,9 @@ class PretrainConfig:
     save_every: int = 250
     log_every: int = 50
     threads: int = 2
+    #: bf16 autocast of the forward (weights, optimizer and loss stay fp32): ~1.8x faster on CPUs with AVX512-BF16
+    #: for the 256-wide model, harmless elsewhere; "none" runs everything in fp32
+    autocast: str = "bf16"
     resume: bool = True
     model: dict = field(default_factory=lambda: dict(BASE_MODEL))
 
@@ -234,7 +237,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         x0 = TestbedModel.encode_images(images)
         s = sigma[:, None, None, None]
         x_t = (1 - s) * x0 + s * eps
-        v = model.velocity(x_t, sigma, model.encode(texts))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+            v = model.velocity(x_t, sigma, model.encode(texts))
         loss = (v.float() - (eps - x0)).pow(2).mean()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -300,6 +304,8 @@ def parse_args(argv: Sequence[str] | None = None) -> PretrainConfig:
     cfg = PretrainConfig(**kw, model=model)
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError("--steps and --batch-size must be >= 1")
+    if cfg.autocast not in ("bf16", "none"):
+        raise ValueError(f"--autocast must be 'bf16' or 'none', got {cfg.autocast!r}")
     if cfg.sigma_sampling not in ("logit_normal", "uniform"):
         raise ValueError(f"--sigma-sampling must be 'logit_normal' or 'uniform', got {cfg.sigma_sampling!r}")
     return cfg

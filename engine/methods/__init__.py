@@ -135,3 +135,11 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def rank_state(self) -> dict:
+        """This rank's method tensors to checkpoint beside the engine's (e.g. optimizers the method owns itself,
+        outside DeepSpeed); written with ``torch.save`` as ``method_rank{r}.pt``. Default: nothing."""
+        return {}
+
+    def load_rank_state(self, state: dict) -> None:
+        """Restore :meth:`rank_state` (called on resume, before the first epoch)."""

@@ -376,6 +376,7 @@ class DIDRMethod(Method):
         super().__init__(cfg)
         self._core: DIDR | None = None
         self._opts: tuple[TorchStepper, TorchStepper] | None = None
+        self._pending_opt_state: dict | None = None  # from a checkpoint, applied when the optimizers exist
 
     def _setup(self, ctx) -> DIDR:
         """The generator wrapper, the checks and the two optimizers (once, at the first epoch)."""
@@ -396,7 +397,25 @@ class DIDRMethod(Method):
             kw = dict(weight_decay=t.weight_decay, betas=t.betas, grad_clip=t.grad_clip, average_over=dist)
             self._opts = (TorchStepper(adapter_params(gen, "policy"), lr=t.lr, **kw),
                           TorchStepper(adapter_params(gen, "fake"), lr=o.ta_lr or t.lr, **kw))
+            if self._pending_opt_state is not None:
+                self._opts[0].optimizer.load_state_dict(self._pending_opt_state["generator_opt"])
+                self._opts[1].optimizer.load_state_dict(self._pending_opt_state["ta_opt"])
+                self._pending_opt_state = None
         return self._core
+
+    def rank_state(self) -> dict:
+        """The generator's and the TA's AdamW states (DIDR's own optimizers: DeepSpeed does not save them)."""
+        if self._opts is None:
+            return {}
+        return {"generator_opt": self._opts[0].optimizer.state_dict(), "ta_opt": self._opts[1].optimizer.state_dict()}
+
+    def load_rank_state(self, state: dict) -> None:
+        if not state:
+            return
+        if set(state) != {"generator_opt", "ta_opt"}:
+            raise ValueError(f"DIDR: checkpointed method state has keys {sorted(state)}, expected "
+                             f"['generator_opt', 'ta_opt']")
+        self._pending_opt_state = state
 
     def rollout(self, ctx, batch):
         from engine.rollout import STREAM_INIT_NOISE, rank_samples, sample_noise
