@@ -12,12 +12,13 @@ from models.testbed import TestbedModel
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(REPO, "checkpoints", "testbed", "base")
 # The committed checkpoint on every test prompt x 2 samples, noise seed 0, 10-step Euler, no CFG (measured
-# 2026-11-22, see checkpoints/testbed/base/README.md): GenEval partial credit 0.172, strict 0.011. The band allows
-# for float differences across thread counts / CPUs flipping a few borderline samples. NOTE: strict accuracy is far
-# below the 30-60% target of spec/testbed.md (pretraining was compute-starved); the band states what is committed.
-BASE_PARTIAL = 0.172
+# 2026-11-22, see checkpoints/testbed/base/README.md): GenEval partial credit 0.291, strict 0.085 per sample. The band
+# allows for float differences across thread counts / CPUs flipping a few borderline samples. NOTE: per-sample strict
+# accuracy is below the 30-60% target of spec/testbed.md (70 of the 88 held-out prompts are two-colour bindings, the
+# hardest family); the band states what is committed.
+BASE_PARTIAL = 0.291
 PARTIAL_BAND = 0.06
-BASE_STRICT_MAX = 0.15
+BASE_STRICT_MAX = 0.25
 
 
 def _dir_bytes(path: str) -> int:
@@ -30,7 +31,8 @@ def base():
 
 
 def test_base_checkpoint_loads_small_and_frozen_text(base):
-    assert _dir_bytes(BASE) < 12 * 2 ** 20  # ~10 MB: fp32 weights (2.6M parameters)
+    assert _dir_bytes(BASE) < 20 * 2 ** 20  # ~19 MB: fp16 weights (9.3M parameters), loaded as fp32
+    assert next(base.transformer.parameters()).dtype == torch.float32
     assert not base.config.train_text_encoder  # RL caches prompt embeddings
     info = json.loads(open(os.path.join(BASE, "pretrain.json")).read())
     assert info["step"] > 0 and "config" in info
@@ -49,7 +51,7 @@ def test_base_geneval_scores_are_in_their_stated_band(base):
     assert abs(partial - BASE_PARTIAL) <= PARTIAL_BAND, (partial, strict)
     assert strict <= BASE_STRICT_MAX, (partial, strict)  # clearly imperfect: room for RL
     # far better than the untrained network (which scores 0 on both)
-    assert partial >= 0.1
+    assert partial >= 0.2
 
 
 def test_pretraining_batches_are_a_pure_function_of_seed_and_step():
