@@ -89,7 +89,9 @@ def test_fdfo_recipes_load_and_fit_the_batch_arithmetic(recipe, steps):
 
     cfg = load_config(os.path.join(ROOT, recipe))
     assert cfg.method == "fdfo" and isinstance(cfg.algo, FDFOConfig) and cfg.algo.num_steps == steps
-    assert cfg.train.gradient_steps_per_epoch == 4 and cfg.train.lr == 3e-5 and cfg.train.weight_decay == 1e-4
+    # the paper's optimizer (lr 3e-5) in the real-scale recipes; the CPU-sized testbed recipe moves faster (1e-4)
+    assert cfg.train.gradient_steps_per_epoch == 4 and cfg.train.weight_decay == 1e-4
+    assert cfg.train.lr == (1e-4 if "testbed" in recipe else 3e-5)
     for world in (1, 2, 8) if "sd35m" in recipe else (1, 2):
         derive_batch(world, cfg.data.prompts_per_epoch, cfg.data.group_size, cfg.train.micro_batch_size,
                      cfg.train.gradient_steps_per_epoch, 1, exact_groups=False)
