@@ -3,6 +3,7 @@
 One command (from the repository root)::
 
     python -m engine.compare [--methods crd,nft,fdfo,didr] [--reward-calls N] [--samples-per-prompt 2]
+                             [--samples-per-family 64]
                              [--out docs/results/testbed_comparison.md] [--runs runs/compare] [--jobs 1]
                              [--reuse-existing] [--base checkpoints/testbed/base]
 
@@ -132,12 +133,16 @@ def _git_rev() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from engine.eval import DEFAULT_SAMPLES_PER_FAMILY
+
     p = argparse.ArgumentParser(prog="python -m engine.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (base is always included)")
     p.add_argument("--reward-calls", type=int, default=0,
                    help="reward calls (scored images) per method (0 = the CRD recipe's: epochs x P x G)")
     p.add_argument("--prompts", default="data/testbed/test.jsonl", help="held-out prompts")
-    p.add_argument("--samples-per-prompt", type=int, default=2)
+    p.add_argument("--samples-per-prompt", type=int, default=2, help="held-out samples per prompt (at least)")
+    p.add_argument("--samples-per-family", type=int, default=DEFAULT_SAMPLES_PER_FAMILY,
+                   help="held-out samples per prompt family (at least; 0 = samples-per-prompt for every prompt)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", default="runs/compare", help="run directories (git-ignored)")
     p.add_argument("--out", default="docs/results/testbed_comparison.md")
@@ -191,8 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ctx, adapter = load_context(ckpt)
         if i == 0:  # the base model, with the same noise as every method
             results["base"] = evaluate(ctx, prompt_set, None, samples_per_prompt=args.samples_per_prompt,
-                                       seed=args.seed, grid_path=os.path.join(grids, "base.png"))
-        r = evaluate(ctx, prompt_set, adapter, samples_per_prompt=args.samples_per_prompt, seed=args.seed,
+                                       samples_per_family=args.samples_per_family, seed=args.seed, grid_path=os.path.join(grids, "base.png"))
+        r = evaluate(ctx, prompt_set, adapter, samples_per_prompt=args.samples_per_prompt,
+                     samples_per_family=args.samples_per_family, seed=args.seed,
                      grid_path=os.path.join(grids, f"{m}.png"))
         if info[m]["wall_s"] is not None:
             r["wall_s"] = info[m]["wall_s"]
@@ -219,8 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- Machine: {platform.machine()}, {_machine()} (load average at the end; the machine is shared, so wall "
         "times depend on the load)",
         f"- Budget: {budget} ({how}; base checkpoint: {', '.join(f'`{b}`' for b in bases)})",
-        f"- Held-out prompts: `{args.prompts}` ({len(prompt_set.prompts)} prompts x {args.samples_per_prompt} samples, "
-        "the same noise for every model)",
+        f"- Held-out prompts: `{args.prompts}` ({len(prompt_set.prompts)} prompts, "
+        f"{results['base']['num_images']} samples: >= {args.samples_per_prompt} per prompt, >= "
+        f"{args.samples_per_family} per family; the same noise for every model)",
         "- Accuracy: GenEval strict correctness per family (RuleDetector); overall = mean over families. reward: "
         "mean partial-credit GenEval reward. Unseen metrics (never optimised): FD = Frechet distance to rendered "
         "scenes in classifier features (lower is better), diversity = mean pairwise RMS pixel distance within a "

@@ -63,6 +63,8 @@ class DataConfig:
     kind: str = opt("", "prompt file kind: '' (auto) | plain | ocr | geneval")
     prompts_per_epoch: int = opt(8, "P: prompts drawn per epoch (all ranks together)")
     group_size: int = opt(8, "G: samples per prompt (a group)")
+    balance_tags: bool = opt(False, "draw each epoch's prompts evenly over the GenEval tags (families) of the metadata "
+                             "instead of uniformly over prompts")
 
 
 @dataclass

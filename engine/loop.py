@@ -129,7 +129,12 @@ def build(cfg: Config) -> tuple[Context, int]:
     if cfg.data.prompts_per_epoch > len(prompts):
         raise ConfigError(f"config key 'data.prompts_per_epoch' = {cfg.data.prompts_per_epoch} exceeds the "
                           f"{len(prompts)} prompts of {cfg.data.train_prompts!r}")
-    sampler = GroupSampler(len(prompts), cfg.data.prompts_per_epoch, cfg.data.group_size, 1, 0, cfg.seed)
+    try:
+        strata = prompts.tag_ids() if cfg.data.balance_tags else None
+    except ValueError as e:
+        raise ConfigError(f"config key 'data.balance_tags' is true but {e}") from None
+    sampler = GroupSampler(len(prompts), cfg.data.prompts_per_epoch, cfg.data.group_size, 1, 0, cfg.seed,
+                           strata=strata)
 
     torch.manual_seed(cfg.seed)  # identical initial weights (LoRA init) on every rank
     flow = build_model(cfg, method.adapters).to(dist.device)

@@ -189,6 +189,35 @@ def test_sampler_determinism_and_epochs():
     assert sorted(full.prompt_idx.tolist()) == list(range(12))
 
 
+def test_sampler_balances_strata():
+    """The testbed training file (71% colour-binding prompts) drawn with tag strata: every epoch's prompts are
+    distinct and spread evenly over the tags (P = 12 over 6 tags: 2 each), deterministic per (seed, epoch); over
+    many epochs each small tag's few prompts are all used."""
+    ps = load_prompts(os.path.join(os.path.dirname(__file__), "..", "data", "testbed", "train.jsonl"))
+    strata = ps.tag_ids()
+    assert len(set(strata)) == 6 and Counter(strata).most_common(1)[0][1] == 110
+    s = GroupSampler(len(ps), 12, 4, seed=3, strata=strata)
+    seen = Counter()
+    for e in range(20):
+        drawn = s.permutation(e)
+        assert len(set(drawn.tolist())) == 12
+        assert sorted(Counter(strata[i] for i in drawn).values()) == [2] * 6
+        seen.update(drawn.tolist())
+        assert torch.equal(s.epoch(e).prompt_idx, GroupSampler(len(ps), 12, 4, seed=3, strata=strata).epoch(e).prompt_idx)
+    assert all(seen[i] >= 1 for i, t in enumerate(strata) if Counter(strata)[t] <= 6)
+    # P larger than the smallest tag: the small tags run out, the draw is still P distinct prompts
+    big = GroupSampler(len(ps), 40, 1, seed=3, strata=strata).permutation(0)
+    counts = Counter(strata[i] for i in big)
+    assert len(set(big.tolist())) == 40 and min(counts.values()) == 3 and max(counts.values()) >= 7
+    # the checkpoint check tells a stratified sampler from a uniform one
+    with pytest.raises(ValueError, match="strata"):
+        s.check_state_dict(GroupSampler(len(ps), 12, 4, seed=3).state_dict())
+    with pytest.raises(ValueError, match="strata for"):
+        GroupSampler(10, 2, 2, strata=[0] * 9)
+    with pytest.raises(ValueError, match="no 'tag'"):
+        load_prompts(shared("drawbench/test.txt")).tag_ids()
+
+
 def test_sampler_state_dict_check():
     s = GroupSampler(50, 10, 2, seed=7)
     s.check_state_dict(s.state_dict())

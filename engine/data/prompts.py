@@ -34,6 +34,18 @@ class PromptSet:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def tag_ids(self) -> list[int]:
+        """Per prompt, the index of its GenEval ``tag`` among the file's sorted tags (the sampler's strata);
+        ValueError when a prompt has no tag."""
+        tags = [(m or {}).get("tag") for m in self.metadata]
+        missing = [i for i, t in enumerate(tags) if not t]
+        if missing:
+            where = self.lines[missing[0]] if self.lines else missing[0] + 1
+            raise ValueError(f"{self.path}:{where}: no 'tag' in the metadata (tag balancing needs GenEval tags "
+                             f"on every prompt; {len(missing)} of {len(tags)} lack one)")
+        names = sorted(set(tags))
+        return [names.index(t) for t in tags]
+
     def select(self, indices: Sequence[int]) -> tuple[list[str], list[dict]]:
         """Prompts and metadata at ``indices`` (e.g. ``EpochBatch.prompt_idx.tolist()``, once per epoch)."""
         return [self.prompts[i] for i in indices], [self.metadata[i] for i in indices]
