@@ -19,7 +19,10 @@ CONFIG = "configs/testbed_didr.yaml"
 
 def didr_overrides(run_dir: str, **extra) -> list[str]:
     base = {"data.group_size": 2, "data.prompts_per_epoch": 4, "train.micro_batch_size": 2,
-            "train.gradient_steps_per_epoch": 2, "train.lr": 1e-3, "didr.ta_lr": 1e-3, "didr.cfg_scale": 2.0}
+            "train.gradient_steps_per_epoch": 2, "train.lr": 1e-3, "didr.ta_lr": 1e-3, "didr.cfg_scale": 2.0,
+            # a seconds-long regression initialisation (the recipe's is minutes)
+            "didr.init_pairs": 8, "didr.init_regression_steps": 3, "didr.init_ode_steps": 2,
+            "didr.init_batch_size": 4}
     base.update(extra)
     return tiny_overrides(run_dir, **base)
 
@@ -37,6 +40,8 @@ def test_didr_one_step_flow_generator_end_to_end(tmp_path, mode, finetune):
                                       "model.finetune": finetune}), config=CONFIG)
     steps = records(run)
     assert len(steps) == 2
+    (init,) = records(run, "didr_init")  # the regression initialisation ran once, before the first step
+    assert init["init/steps"] == 3 and init["init/reg_loss_first"] == init["init/reg_loss_first"]
     for s in steps:
         assert s["grad_norm"] > 0 and s["ta_grad_norm"] > 0 and s["lr"] == pytest.approx(1e-3)
         assert all(s[k] == s[k] for k in ("generator_loss/mean", "ta_loss/mean", "reward/mean", "w/mean"))

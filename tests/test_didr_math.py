@@ -121,7 +121,8 @@ def test_drp_accumulates_no_parameter_gradient():
     assert model.A_fake.grad is None and model.W.grad is None
 
 
-@pytest.mark.parametrize("cfg_scale,weighting,k", [(1.0, "dmd", 1), (3.0, "dmd", 2), (2.0, "none", 1)])
+@pytest.mark.parametrize("cfg_scale,weighting,k", [(1.0, "dmd", 1), (3.0, "dmd", 2), (2.0, "none", 1),
+                                                   (3.0, "dmd_x0", 1)])
 def test_generator_gradient_equals_weighted_score_difference(cfg_scale, weighting, k):
     """grad_W loss_G == mean_i w_i (d_i - s_r_i) dx_t_i/dW, with d, s_r, w computed independently in closed form."""
     torch.manual_seed(1)
@@ -158,7 +159,11 @@ def test_generator_gradient_equals_weighted_score_difference(cfg_scale, weightin
             vu = model.A_ref @ x + s_now * model.a_ref
             x = x + (s_next - s_now) * (vu + cfg_scale * (vc - vu))
         s_r = _euler_jacobian(model.A_ref, s, k).T @ reward.grad(x.view(SHAPE)).flatten() / 0.7
-        w = 1.0 / (x0i - (xt - s * v_ref)).abs().mean() if weighting == "dmd" else 1.0
+        w = 1.0 / (x0i - (xt - s * v_ref)).abs().mean() if weighting in ("dmd", "dmd_x0") else 1.0
+        if weighting == "dmd_x0":  # the score difference in x0 units: sigma^2 / (1 - sigma) d = x0_fake - x0_ref
+            w = w * s * s / (1 - s)
+            x0_fake, x0_ref = xt - s * v_fake, xt - s * v_ref
+            torch.testing.assert_close(s * s / (1 - s) * d, x0_fake - x0_ref, rtol=1e-9, atol=1e-11)
         g = w * (d - s_r)  # dL/dx_t for sample i (times 1/b from the mean)
         grad_W += (1 - s) * torch.outer(g, zi) / b
         grad_b += (1 - s) * g / b
@@ -184,6 +189,31 @@ def test_terminal_mode_is_ikl_minus_alpha_reward():
     model.zero_grad()
     (-2.0 * reward.score_differentiable(model.generate(z, cond), None, None).mean()).backward()
     torch.testing.assert_close(grads[2.0] - grads[0.0], model.W.grad, rtol=1e-9, atol=1e-11)
+
+
+def test_regression_initialisation_fits_the_reference_sampler():
+    """The generator initialisation (didr.init_*): ``reference_sample`` is the Euler ODE of the CFG reference on its
+    schedule, and steps of ``regression_loss`` move the linear generator onto that (linear) map from z."""
+    torch.manual_seed(0)
+    model = ToyOneStep()
+    model.sigmas = lambda n: torch.linspace(1, 0, n + 1)
+    method = DIDR(DIDRConfig(cfg_scale=2.0, weighting="dmd_x0"), model, ToyReward())
+    b = 64
+    cond = Cond(torch.zeros(b, 1, 4, dtype=torch.float64))
+    z = torch.randn(b, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    target = method.reference_sample(z, cond, 3)
+    x = z.clone()
+    for s_now, s_next in ((1.0, 2 / 3), (2 / 3, 1 / 3), (1 / 3, 0.0)):
+        sig = torch.full((b,), s_now)
+        x = x + (s_next - s_now) * model.guided_velocity(x, sig, cond, 2.0)
+    torch.testing.assert_close(target, x, rtol=1e-6, atol=1e-6)  # the schedule is float32
+    opt = TorchStepper([model.W, model.b], lr=3e-2, weight_decay=0.0)
+    first = float(method.regression_loss(z, cond, target)[0])
+    for _ in range(200):
+        loss, stats = method.regression_loss(z, cond, target)
+        opt.backward(loss)
+        opt.step()
+    assert float(stats["reg_loss"]) < 0.05 * first and model.A_fake.grad is None
 
 
 def test_score_and_weight_helpers():

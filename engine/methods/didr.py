@@ -10,6 +10,13 @@ No public code exists; this is the engine's defined reconstruction. Per iteratio
   Euler denoising by the reference (own autograd graph, then detached);
   ``loss_G = mean_i w_i * sum_pix(sg(d - s_r_hat) * x_t)``, ``w_i = 1 / sg(mean_pix |x0 - x0_hat_ref|)``.
 - Ablation ``reward_mode="terminal"`` (DI++): ``loss_G = mean_i w_i * sum_pix(sg(d) * x_t) - alpha * mean_i r(g(z))``.
+- ``weighting="dmd_x0"`` (a choice of ``w(sigma)``): ``w_i`` times ``sigma^2 / (1 - sigma)``, so that ``w_i d_i`` is
+  DMD's x0-space difference ``(x0_hat_psi - x0_hat_ref) / mean_pix|x0 - x0_hat_ref|`` (the plain score difference
+  carries ``(1 - sigma) / sigma^2`` and lets the lowest sigmas dominate the generator gradient).
+- Generator initialisation (``init_regression_steps`` > 0, DMD's regression loss used as a warm start): before the
+  first iteration of a fresh run, AdamW steps of ``mean_pix (g(z, c) - x_ref(z, c))^2`` on ``init_pairs`` pairs of
+  noise and the reference's own CFG Euler ODE sample from that noise. A one-step flow generator built from a
+  multi-step teacher otherwise starts at the teacher's mean image ``z - v(z, 1)`` (near-blank on the testbed).
 
 Networks: ``generator`` is a one-step generator (``models/onestep.py``: ``generate(z, cond)`` and ``velocity``);
 the reference (teacher) and the fake score are adapters of the same model by default (``pretrained`` and ``fake``),
@@ -31,10 +38,12 @@ from engine.nvtx_ranges import nvtx_range
 from models.base import Cond, as_sigma_batch
 
 REWARD_MODES = ("diffused", "terminal")
-WEIGHTINGS = ("dmd", "none")
+WEIGHTINGS = ("dmd", "dmd_x0", "none")
 ONE_STEP = ("auto", "flow")
 #: random streams of DIDR's per-sample draws (engine.rollout uses 0..2, FDFO 3)
 STREAM_DIDR_SIGMA, STREAM_DIDR_EPS = 4, 5
+#: noise stream and "epoch" of the regression pairs (drawn once per run, not per epoch)
+STREAM_DIDR_INIT, INIT_EPOCH = 6, 0xD1D0
 
 
 def _opt(default, help: str):
@@ -60,11 +69,22 @@ class DIDRConfig:
     ta_steps: int = _opt(1, "fake-score (TA) updates per generator update")
     sigma_min: float = _opt(0.02, "diffusion times ~ U[sigma_min, sigma_max]; > 0 keeps 1/sigma finite")
     sigma_max: float = _opt(0.98, "upper end of the diffusion times")
-    weighting: str = _opt("dmd", "per-sample weight: dmd = 1 / sg(mean_pix|x0 - x0_hat_ref|) | none")
+    weighting: str = _opt("dmd", "per-sample weight: dmd = 1 / sg(mean_pix|x0 - x0_hat_ref|) | dmd_x0 = the dmd "
+                                 "weight times sigma^2 / (1 - sigma), which turns the score difference into DMD's "
+                                 "x0-space difference (x0_hat_psi - x0_hat_ref) / mean_pix|x0 - x0_hat_ref| (the plain "
+                                 "score difference grows like 1/sigma^2 and lets the lowest sigmas dominate) | none")
     weight_floor: float = _opt(1e-4, "floor of the dmd weight's denominator")
     ta_lr: float = _opt(0.0, "TA (fake score) AdamW lr; 0 = train.lr")
     one_step: str = _opt("auto", "auto: the model must be a one-step generator (models/onestep.py UNetOneStep) | "
                                  "flow: a one-step flow generator x0 = z - v(z, 1) over any flow model")
+    init_regression_steps: int = _opt(0, "generator initialisation (DMD-style regression warm start): AdamW steps "
+                                         "of mean_pix (g(z, c) - x_ref(z, c))^2 on (noise, reference ODE sample) "
+                                         "pairs before the first DIDR iteration (0 = off: g starts as the raw "
+                                         "one-step teacher, whose x0 = z - v(z, 1) is the teacher's mean image)")
+    init_pairs: int = _opt(512, "(noise, reference sample) pairs of the warm start, on the training prompts")
+    init_ode_steps: int = _opt(10, "Euler steps of the reference ODE (with CFG cfg_scale) that makes the pairs")
+    init_batch_size: int = _opt(16, "pairs per warm-start step (all ranks together)")
+    init_lr: float = _opt(0.0, "warm-start AdamW lr (its own optimizer, discarded after); 0 = train.lr")
 
     def validate(self, run_config: Any = None) -> None:
         """Value checks (ConfigError naming the key); with the run config, what DIDR cannot run with."""
@@ -83,6 +103,11 @@ class DIDRConfig:
         need(self.ta_steps >= 1, "didr.ta_steps", ">= 1", self.ta_steps)
         need(self.weight_floor > 0, "didr.weight_floor", "> 0", self.weight_floor)
         need(self.ta_lr >= 0, "didr.ta_lr", ">= 0", self.ta_lr)
+        need(self.init_regression_steps >= 0, "didr.init_regression_steps", ">= 0", self.init_regression_steps)
+        need(self.init_pairs >= 1, "didr.init_pairs", ">= 1", self.init_pairs)
+        need(self.init_ode_steps >= 1, "didr.init_ode_steps", ">= 1", self.init_ode_steps)
+        need(self.init_batch_size >= 1, "didr.init_batch_size", ">= 1", self.init_batch_size)
+        need(self.init_lr >= 0, "didr.init_lr", ">= 0", self.init_lr)
         if run_config is not None:
             need(run_config.deepspeed.zero_stage == 0, "deepspeed.zero_stage", "0 for DIDR (its generator and "
                  "fake score train with two optimizers of their own; ZeRO sharding of them is not wired)",
@@ -145,10 +170,23 @@ def dmd_weight(x0: torch.Tensor, x0_hat_ref: torch.Tensor, floor: float = 1e-4) 
     return 1.0 / (_acc(x0.detach()) - _acc(x0_hat_ref.detach())).abs().mean(dims).clamp_min(floor)
 
 
+def x0_space_factor(sigma: torch.Tensor) -> torch.Tensor:
+    """``sigma^2 / (1 - sigma)``: a score difference at sigma times this is the x0-prediction difference
+    (``x0_hat = (x + sigma^2 s) / (1 - sigma)``); fp32 [B] (1 - sigma floored at 1e-4)."""
+    s = _acc(sigma)
+    return s * s / (1 - s).clamp_min(1e-4)
+
+
 def generator_surrogate(x_t: torch.Tensor, direction: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``mean_i w_i * sum_pix(sg(direction_i) * x_t_i)``: its gradient is ``w (d - s_r) dx_t/dtheta`` per sample."""
     dims = tuple(range(1, x_t.ndim))
     return (weight * (_acc(direction.detach()) * _acc(x_t)).sum(dims)).mean()
+
+
+def regression_loss(x0: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Generator initialisation / DMD regression: ``mean_i mean_pix (g(z_i) - x_ref_i)^2`` against reference samples
+    ``x_ref`` made from the same noise ``z`` (no gradient into the target)."""
+    return (_acc(x0) - _acc(target.detach())).pow(2).mean()
 
 
 def ta_flow_matching_loss(v_fake: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -254,6 +292,23 @@ class DIDR:
     def sigma_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
         return self.cfg.sigma_min + (self.cfg.sigma_max - self.cfg.sigma_min) * u
 
+    @torch.no_grad()
+    def reference_sample(self, z: torch.Tensor, cond: Cond, steps: int) -> torch.Tensor:
+        """The reference's own sample from noise ``z``: ``steps`` Euler steps of the CFG velocity (omega =
+        ``cfg_scale``) on the teacher's schedule, in at least float32 (the targets of the regression initialisation)."""
+        x = _acc(z)
+        sigmas = self.teacher.sigmas(steps).to(z.device, torch.float32)
+        for i in range(sigmas.numel() - 1):
+            sig = sigmas[i].expand(x.shape[0])
+            x = x + (sigmas[i + 1] - sigmas[i]).to(x.dtype) * _acc(self.ref_velocity(x, sig, cond))
+        return x
+
+    def regression_loss(self, z: torch.Tensor, cond: Cond, target: torch.Tensor
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``mean_pix (g(z, c) - target)^2`` with the generator's gradient."""
+        loss = regression_loss(self.generator.generate(z, cond), target)
+        return loss, {"reg_loss": loss.detach()}
+
     # -- Stage I ----------------------------------------------------------------------------------------------
     def ta_loss(self, z: torch.Tensor, cond: Cond, generator: torch.Generator | None = None, *,
                 sigma: torch.Tensor | None = None, eps: torch.Tensor | None = None
@@ -294,8 +349,10 @@ class DIDR:
             d = (score_from_velocity(_acc(x_t_sg), _acc(v_fake), sigma)
                  - score_from_velocity(_acc(x_t_sg), _acc(v_ref), sigma))
             x0_hat_ref = x_t_sg - _bcast(sigma, x_t_sg) * v_ref
-            if cfg.weighting == "dmd":
+            if cfg.weighting in ("dmd", "dmd_x0"):
                 w = dmd_weight(x0, x0_hat_ref, cfg.weight_floor)
+                if cfg.weighting == "dmd_x0":
+                    w = w * x0_space_factor(sigma.to(w.device, w.dtype))
             else:
                 w = torch.ones(b, device=x0.device, dtype=d.dtype)
         dims = tuple(range(1, x0.ndim))
@@ -377,6 +434,8 @@ class DIDRMethod(Method):
         self._core: DIDR | None = None
         self._opts: tuple[TorchStepper, TorchStepper] | None = None
         self._pending_opt_state: dict | None = None  # from a checkpoint, applied when the optimizers exist
+        self._warm_done = False
+        self._pairs: tuple[torch.Tensor, Cond, torch.Tensor] | None = None  # this rank's regression pairs
 
     def _setup(self, ctx) -> DIDR:
         """The generator wrapper, the checks and the two optimizers (once, at the first epoch)."""
@@ -402,6 +461,74 @@ class DIDRMethod(Method):
                 self._opts[1].optimizer.load_state_dict(self._pending_opt_state["ta_opt"])
                 self._pending_opt_state = None
         return self._core
+
+    # -- regression initialisation (didr.init_*) ---------------------------------------------------------------
+    def _regression_pairs(self, ctx, core: DIDR) -> tuple[torch.Tensor, Cond, torch.Tensor]:
+        """This rank's share (pairs rank, rank + world, ...) of ``init_pairs`` (noise z, reference ODE sample from z)
+        on the training prompts (seeded permutations, so every prompt is used about equally), made once."""
+        if self._pairs is None:
+            from engine.rollout import sample_noise
+
+            o, cfg, dist = self.opt, ctx.cfg, ctx.dist
+            n, p = o.init_pairs, len(ctx.prompts)
+            g = torch.Generator().manual_seed(cfg.seed)
+            order = torch.cat([torch.randperm(p, generator=g) for _ in range(-(-n // p))])[:n]
+            idx = torch.arange(dist.rank, n, dist.world_size)
+            prompts, _ = ctx.prompts.select(order[idx].tolist())
+            shape = ctx.model.latent_shape(cfg.model.resolution, cfg.model.resolution)
+            z = sample_noise(idx, shape, seed=cfg.seed, epoch=INIT_EPOCH, stream=STREAM_DIDR_INIT, device=dist.device)
+            cond = core.generator.encode(prompts).to(dist.device)
+            bs = max(1, cfg.rollout.batch_size)
+            x = torch.cat([core.reference_sample(z[a:a + bs], cond.index(slice(a, a + bs)), o.init_ode_steps)
+                           for a in range(0, z.shape[0], bs)]) if z.shape[0] else z.float()
+            self._pairs = (z, cond, x)
+        return self._pairs
+
+    def _pair_batch(self, ctx, core: DIDR, gen: torch.Generator) -> tuple[torch.Tensor, Cond, torch.Tensor]:
+        """A random batch of this rank's pairs (``init_batch_size`` over all ranks)."""
+        z, cond, x = self._regression_pairs(ctx, core)
+        k = -(-self.opt.init_batch_size // ctx.dist.world_size)
+        sel = torch.randint(z.shape[0], (k,), generator=gen)
+        return z[sel], cond.index(sel.to(z.device)), x[sel]
+
+    def _warm_start(self, ctx, core: DIDR) -> None:
+        """The generator initialisation: ``init_regression_steps`` AdamW steps (own optimizer, ``init_lr``) of the
+        regression loss, once, before the first DIDR iteration of a fresh run (a resumed run has it in its
+        weights). Logs one ``didr_init`` record."""
+        import time
+
+        if self._warm_done:
+            return
+        self._warm_done = True
+        o, t, dist = self.opt, ctx.cfg.train, ctx.dist
+        if o.init_regression_steps == 0 or ctx.global_step > 0:
+            return
+        t0 = time.time()
+        self._regression_pairs(ctx, core)
+        t_pairs = time.time() - t0
+        stepper = TorchStepper(adapter_params(core.generator, "policy"), lr=o.init_lr or t.lr,
+                               weight_decay=t.weight_decay, betas=t.betas, grad_clip=t.grad_clip,
+                               average_over=dist if dist.world_size > 1 else None)
+        gen = torch.Generator().manual_seed(ctx.cfg.seed * 65537 + dist.rank)
+        mb = max(1, ctx.layout.micro_batch_size)
+        losses = []
+        for _ in range(o.init_regression_steps):
+            z, cond, x = self._pair_batch(ctx, core, gen)
+            chunks = [slice(a, min(a + mb, z.shape[0])) for a in range(0, z.shape[0], mb)]
+            total = 0.0
+            for j, sl in enumerate(chunks):
+                with nvtx_range("train/regression_loss"):
+                    loss, _ = core.regression_loss(z[sl], cond.index(sl), x[sl])
+                stepper.backward(loss * ((sl.stop - sl.start) / z.shape[0]), last=j == len(chunks) - 1)
+                total = total + loss.detach() * ((sl.stop - sl.start) / z.shape[0])
+            stepper.step()
+            losses.append(total)
+        losses = torch.stack(losses).float().cpu()
+        tail = max(1, len(losses) // 10)
+        ctx.logger.log(0, {"init/pairs": o.init_pairs, "init/steps": o.init_regression_steps,
+                           "init/reg_loss_first": float(losses[:tail].mean()),
+                           "init/reg_loss_last": float(losses[-tail:].mean()),
+                           "init/pairs_s": t_pairs, "init/seconds": time.time() - t0}, kind="didr_init")
 
     def rank_state(self) -> dict:
         """The generator's and the TA's AdamW states (DIDR's own optimizers: DeepSpeed does not save them)."""
@@ -444,6 +571,7 @@ class DIDRMethod(Method):
         from engine.methods.common import step_slices
 
         core = self._setup(ctx)
+        self._warm_start(ctx, core)
         gen_opt, ta_opt = self._opts
         results = []
         for step in step_slices(ctx.layout):
