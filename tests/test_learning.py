@@ -11,9 +11,10 @@ gains measured when the test was written (see each case).
 Status (measured 2026-11-22 on the committed 9.3M base, 2 prompts x 8 samples per epoch, paired 64-sample means,
 2-core CPU): every method's reward rises. CRD's GenEval partial credit 0.227 -> 0.531 and NFT's 0.227 -> 0.352 in
 20 epochs (40 optimizer steps; with the old attention-only LoRA CRD reached 0.391 and at 6 epochs neither rose:
-0.211); FDFO's rises 0.227 -> 0.281 (margin 0.03). DIDR's classifier reward -27.26 -> -0.69 nats (margin 1.0) with
-its recipe's pipeline: the regression initialisation onto teacher ODE samples does most of it; the DIDR updates
-alone, from the raw one-step teacher (``didr.init_regression_steps=0``), give -27.26 -> -29.34 (not a rise).
+0.211); FDFO's rises 0.227 -> 0.281 (margin 0.03). DIDR's classifier reward -27.26 -> -4.09 nats (margin 1.0) with
+its recipe's pipeline (full fine-tuning): the regression initialisation onto teacher ODE samples does most of it;
+the DIDR updates alone, from the raw one-step teacher (``didr.init_regression_steps=0``, measured with the earlier
+LoRA recipe), gave -27.26 -> -29.34 (not a rise).
 ``RLFLOW_TESTBED_BASE`` points the test at another base checkpoint directory.
 """
 import json
@@ -42,8 +43,9 @@ CASES = {
     "nft": (["data.group_size=8", "train.micro_batch_size=8", "train.lr=1e-3", "train.epochs=20"], 0.05, 1),
     "fdfo": (["fdfo.num_steps=4", "fdfo.gamma=0.1", "data.group_size=2", "train.micro_batch_size=2",
               "train.lr=1e-3"], 0.03, 4),
-    # DIDR: the recipe's regression initialisation, sized for 2 prompts (64 teacher ODE pairs, 100 steps)
-    "didr": (["data.group_size=8", "train.micro_batch_size=8", "train.lr=2e-3", "didr.init_pairs=64",
+    # DIDR: the recipe (full fine-tuning, its lrs) with its regression initialisation sized for 2 prompts (64 teacher
+    # ODE pairs, 100 steps)
+    "didr": (["data.group_size=8", "train.micro_batch_size=8", "didr.init_pairs=64",
               "didr.init_regression_steps=100"], 1.0, 1),
 }
 
