@@ -66,7 +66,8 @@ def build_reference(cfg) -> ReferenceTrainer:
     t = cfg.train
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay)
     prompts = load_prompts(cfg.data.train_prompts, kind=cfg.data.kind or None)
-    sampler = GroupSampler(len(prompts), cfg.data.prompts_per_epoch, cfg.data.group_size, 1, 0, cfg.seed)
+    sampler = GroupSampler(len(prompts), cfg.data.prompts_per_epoch, cfg.data.group_size, 1, 0, cfg.seed,
+                           strata=prompts.tag_ids() if cfg.data.balance_tags else None)
     rewards = build_rewards([{**to_dict(r), "key": r.key or None} for r in cfg.rewards])
     return ReferenceTrainer(cfg=cfg, model=model, optimizer=optimizer, params=params, prompts=prompts,
                             sampler=sampler, rewards=rewards)
