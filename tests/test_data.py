@@ -195,7 +195,8 @@ def test_sampler_balances_strata():
     many epochs each small tag's few prompts are all used."""
     ps = load_prompts(os.path.join(os.path.dirname(__file__), "..", "data", "testbed", "train.jsonl"))
     strata = ps.tag_ids()
-    assert len(set(strata)) == 6 and Counter(strata).most_common(1)[0][1] == 110
+    per_tag = Counter(strata)
+    assert len(per_tag) == 6 and per_tag.most_common(1)[0][1] == 110
     s = GroupSampler(len(ps), 12, 4, seed=3, strata=strata)
     seen = Counter()
     for e in range(20):
@@ -204,7 +205,7 @@ def test_sampler_balances_strata():
         assert sorted(Counter(strata[i] for i in drawn).values()) == [2] * 6
         seen.update(drawn.tolist())
         assert torch.equal(s.epoch(e).prompt_idx, GroupSampler(len(ps), 12, 4, seed=3, strata=strata).epoch(e).prompt_idx)
-    assert all(seen[i] >= 1 for i, t in enumerate(strata) if Counter(strata)[t] <= 6)
+    assert all(seen[i] >= 1 for i, t in enumerate(strata) if per_tag[t] <= 6)
     # P larger than the smallest tag: the small tags run out, the draw is still P distinct prompts
     big = GroupSampler(len(ps), 40, 1, seed=3, strata=strata).permutation(0)
     counts = Counter(strata[i] for i in big)

@@ -8,13 +8,13 @@ partial credit for CRD/NFT/FDFO, the classifier log-probability for DIDR) must b
 Paired noise and fixed seeds make the comparison deterministic on a given machine; the margins sit well below the
 gains measured when the test was written (see each case).
 
-Status (measured 2026-11-22 on the committed 9.3M base, 2 prompts x 8 samples per epoch, paired 64-sample means,
-2-core CPU): every method's reward rises. CRD's GenEval partial credit 0.227 -> 0.531 and NFT's 0.227 -> 0.352 in
-20 epochs (40 optimizer steps; with the old attention-only LoRA CRD reached 0.391 and at 6 epochs neither rose:
-0.211); FDFO's rises 0.227 -> 0.281 (margin 0.03). DIDR's classifier reward -27.26 -> -4.09 nats (margin 1.0) with
-its recipe's pipeline (full fine-tuning): the regression initialisation onto teacher ODE samples does most of it;
-the DIDR updates alone, from the raw one-step teacher (``didr.init_regression_steps=0``, measured with the earlier
-LoRA recipe), gave -27.26 -> -29.34 (not a rise).
+Status (measured 2026-11-22 with the committed recipes and base, 2 prompts x 8 samples per epoch, paired 64-sample
+means, idle 2-core CPU, 15-50 s per method): every method's reward rises. GenEval partial credit: CRD 0.227 -> 0.414
+and NFT 0.227 -> 0.516 in 20 epochs (40 optimizer steps; at 6 epochs with the earlier attention-only LoRA neither
+rose: 0.211), FDFO 0.227 -> 0.453 in 6 epochs. DIDR's classifier reward -27.26 -> -4.09 nats with its recipe's
+pipeline (full fine-tuning): the regression initialisation onto teacher ODE samples does most of it; the DIDR
+updates alone, from the raw one-step teacher (``didr.init_regression_steps=0``, measured with the earlier LoRA
+recipe), gave -27.26 -> -29.34 (not a rise).
 ``RLFLOW_TESTBED_BASE`` points the test at another base checkpoint directory.
 """
 import json
