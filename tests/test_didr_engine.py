@@ -23,7 +23,7 @@ def didr_overrides(run_dir: str, **extra) -> list[str]:
             "train.gradient_steps_per_epoch": 2, "train.lr": 1e-3, "didr.ta_lr": 1e-3, "didr.cfg_scale": 2.0,
             # a seconds-long regression initialisation (the recipe's is minutes)
             "didr.init_pairs": 8, "didr.init_regression_steps": 3, "didr.init_ode_steps": 2,
-            "didr.init_batch_size": 4}
+            "didr.init_batch_size": 4, "didr.init_ta_steps": 2}
     base.update(extra)
     return tiny_overrides(run_dir, **base)
 
@@ -43,6 +43,8 @@ def test_didr_one_step_flow_generator_end_to_end(tmp_path, mode, finetune):
     assert len(steps) == 2
     (init,) = records(run, "didr_init")  # the regression initialisation ran once, before the first step
     assert init["init/steps"] == 3 and math.isfinite(init["init/reg_loss_first"])
+    # then the fake score's warm-up on the initialised generator
+    assert init["init/ta_steps"] == 2 and math.isfinite(init["init/ta_loss_first"]) and init["init/ta_loss_last"] > 0
     for s in steps:
         assert s["grad_norm"] > 0 and s["ta_grad_norm"] > 0 and s["lr"] == pytest.approx(1e-3)
         assert all(s[k] == s[k] for k in ("generator_loss/mean", "ta_loss/mean", "reward/mean", "w/mean"))

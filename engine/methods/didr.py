@@ -85,6 +85,10 @@ class DIDRConfig:
     init_ode_steps: int = _opt(10, "Euler steps of the reference ODE (with CFG cfg_scale) that makes the pairs")
     init_batch_size: int = _opt(16, "pairs per warm-start step (all ranks together)")
     init_lr: float = _opt(0.0, "warm-start AdamW lr (its own optimizer, discarded after); 0 = train.lr")
+    init_ta_steps: int = _opt(0, "fake-score warm-up: TA updates (its own optimizer and ta_lr) on the initialised "
+                                 "generator's samples of the pair noises, after the regression warm start and "
+                                 "before the first generator update (0 = off: the fake score starts as the "
+                                 "teacher and tracks the generator only through ta_steps per iteration)")
 
     def validate(self, run_config: Any = None) -> None:
         """Value checks (ConfigError naming the key); with the run config, what DIDR cannot run with."""
@@ -108,6 +112,7 @@ class DIDRConfig:
         need(self.init_ode_steps >= 1, "didr.init_ode_steps", ">= 1", self.init_ode_steps)
         need(self.init_batch_size >= 1, "didr.init_batch_size", ">= 1", self.init_batch_size)
         need(self.init_lr >= 0, "didr.init_lr", ">= 0", self.init_lr)
+        need(self.init_ta_steps >= 0, "didr.init_ta_steps", ">= 0", self.init_ta_steps)
         if run_config is not None:
             need(run_config.deepspeed.zero_stage == 0, "deepspeed.zero_stage", "0 for DIDR (its generator and "
                  "fake score train with two optimizers of their own; ZeRO sharding of them is not wired)",
@@ -492,43 +497,56 @@ class DIDRMethod(Method):
         return z[sel], cond.index(sel.to(z.device)), x[sel]
 
     def _warm_start(self, ctx, core: DIDR) -> None:
-        """The generator initialisation: ``init_regression_steps`` AdamW steps (own optimizer, ``init_lr``) of the
-        regression loss, once, before the first DIDR iteration of a fresh run (a resumed run has it in its
-        weights). Logs one ``didr_init`` record."""
+        """The initialisation of a fresh run (a resumed run has it in its weights), once, before the first DIDR
+        iteration: ``init_regression_steps`` AdamW steps (own optimizer, ``init_lr``) of the regression loss, then
+        ``init_ta_steps`` updates of the fake score (the TA optimizer) on the initialised generator's samples.
+        Logs one ``didr_init`` record."""
         import time
 
         if self._warm_done:
             return
         self._warm_done = True
         o, t, dist = self.opt, ctx.cfg.train, ctx.dist
-        if o.init_regression_steps == 0 or ctx.global_step > 0:
+        if (o.init_regression_steps == 0 and o.init_ta_steps == 0) or ctx.global_step > 0:
             return
         t0 = time.time()
         self._regression_pairs(ctx, core)
-        t_pairs = time.time() - t0
+        record = {"init/pairs": o.init_pairs, "init/steps": o.init_regression_steps,
+                  "init/ta_steps": o.init_ta_steps, "init/pairs_s": time.time() - t0}
+        gen = torch.Generator().manual_seed(ctx.cfg.seed * 65537 + dist.rank)
+        mb = max(1, ctx.layout.micro_batch_size)
         stepper = TorchStepper(adapter_params(core.generator, "policy"), lr=o.init_lr or t.lr,
                                weight_decay=t.weight_decay, betas=t.betas, grad_clip=t.grad_clip,
                                average_over=dist if dist.world_size > 1 else None)
-        gen = torch.Generator().manual_seed(ctx.cfg.seed * 65537 + dist.rank)
-        mb = max(1, ctx.layout.micro_batch_size)
-        losses = []
-        for _ in range(o.init_regression_steps):
-            z, cond, x = self._pair_batch(ctx, core, gen)
-            chunks = [slice(a, min(a + mb, z.shape[0])) for a in range(0, z.shape[0], mb)]
-            total = 0.0
-            for j, sl in enumerate(chunks):
-                with nvtx_range("train/regression_loss"):
-                    loss, _ = core.regression_loss(z[sl], cond.index(sl), x[sl])
-                stepper.backward(loss * ((sl.stop - sl.start) / z.shape[0]), last=j == len(chunks) - 1)
-                total = total + loss.detach() * ((sl.stop - sl.start) / z.shape[0])
-            stepper.step()
-            losses.append(total)
-        losses = torch.stack(losses).float().cpu()
-        tail = max(1, len(losses) // 10)
-        ctx.logger.log(0, {"init/pairs": o.init_pairs, "init/steps": o.init_regression_steps,
-                           "init/reg_loss_first": float(losses[:tail].mean()),
-                           "init/reg_loss_last": float(losses[-tail:].mean()),
-                           "init/pairs_s": t_pairs, "init/seconds": time.time() - t0}, kind="didr_init")
+
+        def loss_of(z, cond, x, sl):
+            return core.regression_loss(z[sl], cond.index(sl), x[sl])[0]
+
+        def ta_loss_of(z, cond, x, sl):  # sigma/eps drawn on the CPU generator: the same on any device
+            sigma, eps = core.draw(sl.stop - sl.start, z[sl].cpu(), gen)
+            return core.ta_loss(z[sl], cond.index(sl), sigma=sigma.to(z.device), eps=eps.to(z.device))[0]
+
+        for name, steps, opt, fn in (("reg_loss", o.init_regression_steps, stepper, loss_of),
+                                     ("ta_loss", o.init_ta_steps, self._opts[1], ta_loss_of)):
+            losses = []
+            for _ in range(steps):
+                z, cond, x = self._pair_batch(ctx, core, gen)
+                chunks = [slice(a, min(a + mb, z.shape[0])) for a in range(0, z.shape[0], mb)]
+                total = 0.0
+                for j, sl in enumerate(chunks):
+                    with nvtx_range(f"train/init_{name}"):
+                        loss = fn(z, cond, x, sl)
+                    opt.backward(loss * ((sl.stop - sl.start) / z.shape[0]), last=j == len(chunks) - 1)
+                    total = total + loss.detach() * ((sl.stop - sl.start) / z.shape[0])
+                opt.step()
+                losses.append(total)
+            if losses:
+                losses = torch.stack(losses).float().cpu()
+                tail = max(1, len(losses) // 10)
+                record[f"init/{name}_first"] = float(losses[:tail].mean())
+                record[f"init/{name}_last"] = float(losses[-tail:].mean())
+        record["init/seconds"] = time.time() - t0
+        ctx.logger.log(0, record, kind="didr_init")
 
     def rank_state(self) -> dict:
         """The generator's and the TA's AdamW states (DIDR's own optimizers: DeepSpeed does not save them)."""
