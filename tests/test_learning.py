@@ -8,13 +8,14 @@ partial credit for CRD/NFT/FDFO, the classifier log-probability for DIDR) must b
 Paired noise and fixed seeds make the comparison deterministic on a given machine; the margins sit well below the
 gains measured when the test was written (see each case).
 
-Status (measured 2026-11-22 with the committed recipes and base, 2 prompts x 8 samples per epoch, paired 64-sample
-means, idle 2-core CPU, 15-50 s per method): every method's reward rises. GenEval partial credit: CRD 0.227 -> 0.414
-and NFT 0.227 -> 0.516 in 20 epochs (40 optimizer steps; at 6 epochs with the earlier attention-only LoRA neither
-rose: 0.211), FDFO 0.227 -> 0.453 in 6 epochs. DIDR's classifier reward -27.26 -> -4.09 nats with its recipe's
-pipeline (full fine-tuning): the regression initialisation onto teacher ODE samples does most of it; the DIDR
-updates alone, from the raw one-step teacher (``didr.init_regression_steps=0``, measured with the earlier LoRA
-recipe), gave -27.26 -> -29.34 (not a rise).
+Status (measured 2026-11-22 13:30 UTC with the committed recipes and the stage-2 base, 2 prompts x 8 samples per
+epoch, paired 64-sample means, idle 2-core CPU, 10-60 s per method; the test prints each method's before -> after):
+every method's reward rises. GenEval partial credit: CRD 0.320 -> 0.438 and NFT 0.320 -> 0.594 in 20 epochs (40
+optimizer steps), FDFO 0.320 -> 0.398 in 12 epochs (6 epochs: 0.352, too close to the margin); with seed=1 CRD 0.570
+and FDFO 0.594. DIDR's classifier reward -27.48 -> -6.19 nats with its recipe's pipeline (full fine-tuning): the
+regression initialisation onto teacher ODE samples does most of it; the DIDR updates alone, from the raw one-step
+teacher (``didr.init_regression_steps=0``, measured with the earlier LoRA recipe and stage-1 base), gave -27.26 ->
+-29.34 (not a rise). On the stage-1 base: CRD 0.227 -> 0.414 (beta 1), NFT 0.516, FDFO 0.453 (6 epochs).
 ``RLFLOW_TESTBED_BASE`` points the test at another base checkpoint directory.
 """
 import json
@@ -30,9 +31,8 @@ BASE = os.environ.get("RLFLOW_TESTBED_BASE", os.path.join(ROOT, "checkpoints", "
 PROMPT_LINES = (7, 13)
 
 #: every method: 2 fixed prompts x 8 samples per epoch, two optimizer steps per epoch (one prompt group each), short
-#: samplers (4 Euler steps), K = 1 timestep, 6 epochs (20 for CRD/NFT, whose reward-weighted flow-matching steps
-#: move the policy less per step); the reward each method trains on is its
-#: recipe's (GenEval partial credit for CRD/NFT/FDFO, the classifier log-probability for DIDR)
+#: samplers (4 Euler steps), K = 1 timestep, 6 epochs (12 for FDFO; 20 for CRD/NFT, whose reward-weighted
+#: flow-matching steps move the policy less per step); the reward each method trains on is its recipe's (GenEval partial credit for CRD/NFT/FDFO, the classifier log-probability for DIDR)
 COMMON = ["rollout.num_steps=4", "train.num_timesteps=1", "train.epochs=6", "train.gradient_steps_per_epoch=2"]
 # method -> (overrides, margin on the mean reward after - before on the training prompts, prompt repeats). FDFO
 # has one pair per prompt (group_size 2), so its prompt file lists each prompt 4 times: 4 pairs per prompt per
@@ -41,8 +41,9 @@ COMMON = ["rollout.num_steps=4", "train.num_timesteps=1", "train.epochs=6", "tra
 CASES = {
     "crd": (["data.group_size=8", "train.micro_batch_size=8", "train.lr=1e-3", "train.epochs=20"], 0.05, 1),
     "nft": (["data.group_size=8", "train.micro_batch_size=8", "train.lr=1e-3", "train.epochs=20"], 0.05, 1),
+    # 12 epochs: on the stage-2 base 6 epochs rose by only 0.031 (0.320 -> 0.352), 12 by 0.078
     "fdfo": (["fdfo.num_steps=4", "fdfo.gamma=0.1", "data.group_size=2", "train.micro_batch_size=2",
-              "train.lr=1e-3"], 0.03, 4),
+              "train.lr=1e-3", "train.epochs=12"], 0.03, 4),
     # DIDR: the recipe (full fine-tuning, its lrs) with its regression initialisation sized for 2 prompts (64 teacher
     # ODE pairs, 100 steps)
     "didr": (["data.group_size=8", "train.micro_batch_size=8", "didr.init_pairs=64",
@@ -99,6 +100,7 @@ def test_trained_reward_rises(method, tmp_path):
         pytest.fail(f"the committed testbed base checkpoint {BASE} is missing")
     overrides, margin, repeat = CASES[method]
     before, after = _reward_before_after(method, overrides, tmp_path, repeat)
+    print(f"\n{method}: trained reward {before:.4f} -> {after:.4f} (margin {margin})")  # in CI logs with -s / -rA
     assert after > before + margin, f"{method}: reward {before:.4f} -> {after:.4f} (needs +{margin})"
 
 
