@@ -32,7 +32,8 @@ PROMPT_LINES = (7, 13)
 
 #: every method: 2 fixed prompts x 8 samples per epoch, two optimizer steps per epoch (one prompt group each), short
 #: samplers (4 Euler steps), K = 1 timestep, 6 epochs (12 for FDFO; 20 for CRD/NFT, whose reward-weighted
-#: flow-matching steps move the policy less per step); the reward each method trains on is its recipe's (GenEval partial credit for CRD/NFT/FDFO, the classifier log-probability for DIDR)
+#: flow-matching steps move the policy less per step); the reward each method trains on is its recipe's
+#: (GenEval partial credit for CRD/NFT/FDFO, the classifier log-probability for DIDR)
 COMMON = ["rollout.num_steps=4", "train.num_timesteps=1", "train.epochs=6", "train.gradient_steps_per_epoch=2"]
 # method -> (overrides, margin on the mean reward after - before on the training prompts, prompt repeats). FDFO
 # has one pair per prompt (group_size 2), so its prompt file lists each prompt 4 times: 4 pairs per prompt per
