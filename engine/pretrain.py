@@ -239,7 +239,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     model_params = [p for p in model.parameters()]
     history_file = os.path.join(state_dir, "history.jsonl")
     os.makedirs(state_dir, exist_ok=True)
-    run_info = {"config": asdict(cfg), "command": " ".join(sys.argv)}
+    run_info = {"config": asdict(cfg), "command": " ".join(["python -m engine.pretrain", *sys.argv[1:]])}
     t0, last = time.time(), {}
     loss_acc, n_acc = 0.0, 0
     end = min(cfg.steps, cfg.stop_after) if cfg.stop_after > 0 else cfg.steps
