@@ -52,6 +52,16 @@ def test_didr_one_step_flow_generator_end_to_end(tmp_path, mode, finetune):
         assert steps[0]["drp_rms/mean"] > 0 and all(s["reward_drp/mean"] == s["reward_drp/mean"] for s in steps)
 
 
+def test_didr_fake_score_warm_up_alone(tmp_path):
+    """init_ta_steps without a regression warm start: the fake score warms up on the raw generator (no ODE targets)."""
+    run = str(tmp_path / "ta_only")
+    run_config(didr_overrides(run, **{"train.epochs": 1, "didr.init_regression_steps": 0}), config=CONFIG)
+    (init,) = records(run, "didr_init")
+    assert init["init/steps"] == 0 and "init/reg_loss_first" not in init
+    assert init["init/ta_steps"] == 2 and math.isfinite(init["init/ta_loss_first"]) and init["init/ta_loss_last"] > 0
+    assert len(records(run)) == 2
+
+
 def test_didr_refuses_what_it_cannot_use(tmp_path):
     with pytest.raises(ConfigError, match=r"differentiable reward.*\['ocr'\]"):
         run_config(didr_overrides(str(tmp_path / "ocr"), rewards="[{name: ocr}]", **{"train.epochs": 1}),

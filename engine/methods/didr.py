@@ -440,7 +440,7 @@ class DIDRMethod(Method):
         self._opts: tuple[TorchStepper, TorchStepper] | None = None
         self._pending_opt_state: dict | None = None  # from a checkpoint, applied when the optimizers exist
         self._warm_done = False
-        self._pairs: tuple[torch.Tensor, Cond, torch.Tensor] | None = None  # this rank's regression pairs
+        self._pairs: tuple[torch.Tensor, Cond, torch.Tensor | None] | None = None  # this rank's warm-start pairs
 
     def _setup(self, ctx) -> DIDR:
         """The generator wrapper, the checks and the two optimizers (once, at the first epoch)."""
@@ -468,9 +468,10 @@ class DIDRMethod(Method):
         return self._core
 
     # -- regression initialisation (didr.init_*) ---------------------------------------------------------------
-    def _regression_pairs(self, ctx, core: DIDR) -> tuple[torch.Tensor, Cond, torch.Tensor]:
-        """This rank's share (pairs rank, rank + world, ...) of ``init_pairs`` (noise z, reference ODE sample from z)
-        on the training prompts (seeded permutations, so every prompt is used about equally), made once."""
+    def _regression_pairs(self, ctx, core: DIDR) -> tuple[torch.Tensor, Cond, torch.Tensor | None]:
+        """This rank's share (pairs rank, rank + world, ...) of ``init_pairs`` (noise z, reference ODE sample from z,
+        None without regression steps) on the training prompts (seeded permutations, so every prompt is used about
+        equally), made once per warm start."""
         if self._pairs is None:
             from engine.rollout import sample_noise
 
@@ -484,17 +485,19 @@ class DIDRMethod(Method):
             z = sample_noise(idx, shape, seed=cfg.seed, epoch=INIT_EPOCH, stream=STREAM_DIDR_INIT, device=dist.device)
             cond = core.generator.encode(prompts).to(dist.device)
             bs = max(1, cfg.rollout.batch_size)
-            x = torch.cat([core.reference_sample(z[a:a + bs], cond.index(slice(a, a + bs)), o.init_ode_steps)
-                           for a in range(0, z.shape[0], bs)]) if z.shape[0] else z.float()
+            x = None  # the ODE targets only when the regression runs (the fake-score warm-up needs z and c only)
+            if o.init_regression_steps:
+                x = torch.cat([core.reference_sample(z[a:a + bs], cond.index(slice(a, a + bs)), o.init_ode_steps)
+                               for a in range(0, z.shape[0], bs)]) if z.shape[0] else z.float()
             self._pairs = (z, cond, x)
         return self._pairs
 
-    def _pair_batch(self, ctx, core: DIDR, gen: torch.Generator) -> tuple[torch.Tensor, Cond, torch.Tensor]:
+    def _pair_batch(self, ctx, core: DIDR, gen: torch.Generator) -> tuple[torch.Tensor, Cond, torch.Tensor | None]:
         """A random batch of this rank's pairs (``init_batch_size`` over all ranks)."""
         z, cond, x = self._regression_pairs(ctx, core)
         k = -(-self.opt.init_batch_size // ctx.dist.world_size)
         sel = torch.randint(z.shape[0], (k,), generator=gen)
-        return z[sel], cond.index(sel.to(z.device)), x[sel]
+        return z[sel], cond.index(sel.to(z.device)), None if x is None else x[sel]
 
     def _warm_start(self, ctx, core: DIDR) -> None:
         """The initialisation of a fresh run (a resumed run has it in its weights), once, before the first DIDR
@@ -545,6 +548,7 @@ class DIDRMethod(Method):
                 tail = max(1, len(losses) // 10)
                 record[f"init/{name}_first"] = float(losses[:tail].mean())
                 record[f"init/{name}_last"] = float(losses[-tail:].mean())
+        self._pairs = None  # used once: the noises, prompt embeddings and targets need not stay on the device
         record["init/seconds"] = time.time() - t0
         ctx.logger.log(0, record, kind="didr_init")
 
