@@ -8,14 +8,15 @@ partial credit for CRD/NFT/FDFO, the classifier log-probability for DIDR) must b
 Paired noise and fixed seeds make the comparison deterministic on a given machine; the margins sit well below the
 gains measured when the test was written (see each case).
 
-Status (measured 2026-11-22 13:30 UTC with the committed recipes and the stage-2 base, 2 prompts x 8 samples per
-epoch, paired 64-sample means, idle 2-core CPU, 10-60 s per method; the test prints each method's before -> after):
-every method's reward rises. GenEval partial credit: CRD 0.320 -> 0.438 and NFT 0.320 -> 0.594 in 20 epochs (40
-optimizer steps), FDFO 0.320 -> 0.398 in 12 epochs (6 epochs: 0.352, too close to the margin); with seed=1 CRD 0.570
-and FDFO 0.594. DIDR's classifier reward -27.48 -> -6.19 nats with its recipe's pipeline (full fine-tuning): the
-regression initialisation onto teacher ODE samples does most of it; the DIDR updates alone, from the raw one-step
-teacher (``didr.init_regression_steps=0``, measured with the earlier LoRA recipe and stage-1 base), gave -27.26 ->
--29.34 (not a rise). On the stage-1 base: CRD 0.227 -> 0.414 (beta 1), NFT 0.516, FDFO 0.453 (6 epochs).
+Status (measured 2026-11-22 16:12-16:27 UTC with the committed recipes and the stage-3 base, 2 prompts x 8 samples
+per epoch, paired 64-sample means, 2-core CPU shared with a CI run; the test prints each method's before -> after):
+every method's reward rises. GenEval partial credit: CRD 0.305 -> 0.625 and NFT 0.305 -> 0.523 in 20 epochs (40
+optimizer steps), FDFO 0.305 -> 0.422 in 12 epochs. DIDR's classifier reward -27.92 -> -4.38 nats with its recipe's
+pipeline (full fine-tuning): the regression initialisation onto teacher ODE samples does most of it; the DIDR
+updates alone, from the raw one-step teacher (``didr.init_regression_steps=0``, measured with the earlier LoRA
+recipe and stage-1 base), gave -27.26 -> -29.34 (not a rise). On the stage-2 base: CRD 0.320 -> 0.438, NFT 0.594,
+FDFO 0.398 (12 epochs; 6 epochs: 0.352, too close to the margin), DIDR -27.48 -> -6.19; on the stage-1 base: CRD
+0.227 -> 0.414 (beta 1), NFT 0.516, FDFO 0.453 (6 epochs).
 ``RLFLOW_TESTBED_BASE`` points the test at another base checkpoint directory.
 """
 import json
