@@ -3,11 +3,12 @@
 Usage::
 
     python -m engine.eval --checkpoint PATH [--prompts data/testbed/test.jsonl] [--method-config X.yaml]
-                          [--samples-per-prompt 2] [--samples-per-family 64]
+                          [--samples-per-prompt 2] [--samples-per-family 64] [--cfg-scale 1.0]
                           [--out DIR] [--metrics runs/testbed_crd/metrics.jsonl]
 
 ``PATH`` is either a base model directory (``checkpoints/testbed/base``: evaluated with the rollout ODE, no LoRA)
-or an engine run checkpoint (``runs/testbed_crd/checkpoints/step-00000080``: the run's ``config.yaml`` next to
+(``--cfg-scale W`` samples it with classifier-free guidance W: e.g. the CFG-guided
+model CRD anchors its KL to, or the sampler of DIDR's regression targets) or an engine run checkpoint (``runs/testbed_crd/checkpoints/step-00000080``: the run's ``config.yaml`` next to
 ``checkpoints/`` says which method and weights; the method's own ``eval_sample`` draws the samples, e.g. DIDR's
 one-step generator). It prints a table (strict accuracy per family + overall, mean partial-credit reward, Frechet
 distance in classifier features, in-group diversity, off-palette and artifact fractions), writes a sample grid PNG
@@ -107,13 +108,20 @@ def samples_per_prompt_index(prompt_set, samples_per_prompt: int = 2, samples_pe
 
 @torch.no_grad()
 def generate(ctx, prompt_set, adapter: str | None, *, samples_per_prompt: int = 2, samples_per_family: int = 0,
-             seed: int = 0, batch_size: int = 64) -> tuple[torch.Tensor, list[dict], torch.Tensor]:
+             seed: int = 0, batch_size: int = 64, cfg_scale: float = 1.0
+             ) -> tuple[torch.Tensor, list[dict], torch.Tensor]:
     """Images [n, 3, H, W] in [0, 1] of every prompt of ``prompt_set`` (counts from
     :func:`samples_per_prompt_index`; paired noise: sample ``j`` of the list starts from the same noise for every
     model), their metadata and group ids (prompt indices). ``adapter=None``: the pretrained model with the rollout
-    ODE (the base model); otherwise the method's ``eval_sample`` with that adapter."""
+    ODE (the base model; with classifier-free guidance ``cfg_scale`` when it is not 1); otherwise the method's
+    ``eval_sample`` with that adapter."""
     from engine.methods import Method
     from engine.rollout import STREAM_INIT_NOISE, sample_noise
+    from models.samplers import sample_ode
+
+    if cfg_scale != 1.0 and adapter is not None:
+        raise ValueError(f"cfg_scale applies to the pretrained model only (adapter None), got adapter {adapter!r}: "
+                         f"a trained checkpoint is evaluated the way its method samples")
 
     prompt_idx = samples_per_prompt_index(prompt_set, samples_per_prompt, samples_per_family)
     total = prompt_idx.numel()
@@ -126,7 +134,10 @@ def generate(ctx, prompt_set, adapter: str | None, *, samples_per_prompt: int = 
     outs = []
     for s in range(0, total, batch_size):
         sl = slice(s, s + batch_size)
-        if adapter is None:
+        if adapter is None and cfg_scale != 1.0:
+            x0 = sample_ode(ctx.model, noise[sl], cond.index(sl), ctx.sigmas(), adapter="pretrained",
+                            cfg_scale=cfg_scale)
+        elif adapter is None:
             x0 = Method.eval_sample(ctx.method, ctx, noise[sl], cond.index(sl), "pretrained")
         else:
             x0 = ctx.method.eval_sample(ctx, noise[sl], cond.index(sl), adapter)
@@ -150,11 +161,11 @@ def score(images: torch.Tensor, metadata: list[dict], group_ids: torch.Tensor, *
 
 
 def evaluate(ctx, prompt_set, adapter: str | None, *, samples_per_prompt: int = 2, samples_per_family: int = 0,
-             seed: int = 0, grid_path: str | None = None) -> dict:
+             seed: int = 0, grid_path: str | None = None, cfg_scale: float = 1.0) -> dict:
     """:func:`generate` + :func:`score` (+ a sample grid PNG); adds ``seconds`` (sampling + scoring)."""
     t0 = time.time()
     images, metadata, gids = generate(ctx, prompt_set, adapter, samples_per_prompt=samples_per_prompt,
-                                      samples_per_family=samples_per_family, seed=seed)
+                                      samples_per_family=samples_per_family, seed=seed, cfg_scale=cfg_scale)
     out = score(images, metadata, gids)
     out["seconds"] = time.time() - t0
     if grid_path:  # two samples of each of the first 32 prompts
@@ -324,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--samples-per-family", type=int, default=DEFAULT_SAMPLES_PER_FAMILY,
                    help="samples per prompt family at least (0 = samples-per-prompt for every prompt)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg-scale", type=float, default=1.0,
+                   help="base model only: sample with classifier-free guidance of this scale (1 = none, the rollout ODE)")
     p.add_argument("--out", default=None, help="where PNGs go (default: <checkpoint>/../../eval or runs/eval)")
     p.add_argument("--metrics", default=None, help="metrics.jsonl for the reward curve (default: the run's)")
     args = p.parse_args(argv)
@@ -333,14 +346,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if not os.path.isfile(args.prompts):
         p.error(f"--prompts {args.prompts!r} does not exist")
+    if args.cfg_scale <= 0:
+        p.error(f"--cfg-scale must be > 0, got {args.cfg_scale}")
     ctx, adapter = load_context(args.checkpoint, args.method_config)
+    if adapter is not None and args.cfg_scale != 1.0:
+        p.error("--cfg-scale applies to a base model directory only (a trained checkpoint is sampled the way its "
+                "method samples)")
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint))) if adapter else None
     out = args.out or (os.path.join(run_dir, "eval") if run_dir else os.path.join("runs", "eval"))
-    name = "base" if adapter is None else ctx.cfg.method
+    name = ("base" if args.cfg_scale == 1.0 else f"base_cfg{args.cfg_scale:g}") if adapter is None else ctx.cfg.method
     prompt_set = load_prompts(args.prompts)
     res = evaluate(ctx, prompt_set, adapter, samples_per_prompt=args.samples_per_prompt,
                    samples_per_family=args.samples_per_family, seed=args.seed,
-                   grid_path=os.path.join(out, f"grid_{name}.png"))
+                   grid_path=os.path.join(out, f"grid_{name}.png"), cfg_scale=args.cfg_scale)
     print(f"{args.checkpoint}: {len(prompt_set.prompts)} prompts, {res['num_images']} samples (>= "
           f"{args.samples_per_prompt} per prompt, >= {args.samples_per_family} per family), {res['seconds']:.0f} s; "
           f"{_machine()}")

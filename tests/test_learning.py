@@ -154,3 +154,33 @@ def test_eval_gives_every_family_about_the_same_number_of_samples():
     assert all(64 <= per_family[t] < 64 + n_tag[t] or per_family[t] == 2 * n_tag[t] for t in n_tag)
     assert per_family["color_attr"] == 140 and per_family["two_object"] == 64 and per_family["single_object"] == 66
     assert torch.equal(samples_per_prompt_index(ps, 3, 0), torch.arange(len(tags)).repeat_interleave(3))
+
+
+def test_eval_samples_the_base_with_classifier_free_guidance():
+    """``engine.eval --cfg-scale W`` samples the pretrained model with the guided rollout ODE (cond and null passes),
+    from the same paired noise as the unguided base row; a trained adapter refuses it (it samples its own way)."""
+    import dataclasses
+
+    from engine.data import load_prompts
+    from engine.eval import EVAL_EPOCH, generate, load_context, main
+    from engine.rollout import STREAM_INIT_NOISE, sample_noise
+    from models.samplers import sample_ode
+
+    ctx, adapter = load_context(BASE)
+    assert adapter is None
+    full = load_prompts(os.path.join(ROOT, "data", "testbed", "test.jsonl"))
+    ps = dataclasses.replace(full, prompts=full.prompts[:3], metadata=full.metadata[:3], lines=full.lines[:3])
+    plain, _, gids = generate(ctx, ps, None, samples_per_prompt=2, seed=4)
+    guided, _, gids_guided = generate(ctx, ps, None, samples_per_prompt=2, seed=4, cfg_scale=3.0)
+    assert torch.equal(gids, gids_guided) and guided.shape == plain.shape == (6, 3, 32, 32)
+    assert (guided - plain).abs().mean() > 1e-3  # guidance changes the samples
+    noise = sample_noise(torch.arange(6), ctx.model.latent_shape(32, 32), seed=4, epoch=EVAL_EPOCH,
+                         stream=STREAM_INIT_NOISE)
+    prompts, _ = ps.select(gids.tolist())
+    with torch.no_grad():
+        x0 = sample_ode(ctx.model, noise, ctx.model.encode(prompts), ctx.sigmas(), adapter="pretrained", cfg_scale=3.0)
+    torch.testing.assert_close(guided, ctx.model.decode(x0).float())
+    with pytest.raises(ValueError, match="pretrained model only"):
+        generate(ctx, ps, "policy", cfg_scale=3.0)
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", BASE, "--cfg-scale", "0"])
