@@ -5,28 +5,36 @@ One command (from the repository root)::
     python -m engine.compare [--methods crd,nft,fdfo,didr] [--reward-calls N] [--samples-per-prompt 2]
                              [--samples-per-family 64]
                              [--out docs/results/testbed_comparison.md] [--runs runs/compare] [--jobs 1]
-                             [--reuse-existing] [--base checkpoints/testbed/base]
+                             [--reuse-existing] [--base checkpoints/testbed/base] [--base-cfg 4.5]
 
 For each method it trains ``configs/testbed_<method>.yaml`` (``engine/train.py``, one process) for
 ``reward_calls // (prompts_per_epoch * group_size)`` epochs (default budget: the CRD recipe's), so every method scores the same number of generated
 images with its reward (CRD/NFT/FDFO: rollout samples scored by the GenEval rules; DIDR: generator samples scored by
 the differentiable classifier reward), all from a frozen copy of the base checkpoint taken at the start. Then the
 base model (rollout ODE, no LoRA) and every trained checkpoint (the method's own sampler: DIDR one step) are
-evaluated on the held-out prompts with the same noise per (prompt, sample) (``engine.eval``), and one markdown table
+evaluated on the held-out prompts with the same noise per (prompt, sample) (``engine.eval``), plus the base sampled
+with classifier-free guidance ``--base-cfg`` (default: the CRD recipe's KL-anchor scale, the model CRD distills;
+0 = no such row), and one markdown table
 (strict accuracy per family + overall, partial-credit reward, unseen metrics, training wall time, reward calls) is
 written with the machine, the load and the date. ``--skip-training`` evaluates existing runs under ``--runs``
 (``<runs>/testbed_<method>``; the table then says so, and their wall time comes from the run's files).
 """
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__" and __package__ in (None, ""):  # `python engine/X.py`: engine/logging.py would shadow
+    _HERE = os.path.dirname(os.path.abspath(__file__))   # the standard library's logging; the repo root is needed
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+    sys.path.insert(0, os.path.dirname(_HERE))
+
 import argparse
 import datetime
 import json
-import os
 import platform
 import shutil
 import subprocess
-import sys
 import time
 from typing import Sequence
 
@@ -155,7 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="trainings run at once (wall times then share the CPU)")
     p.add_argument("--base", default=os.path.join(ROOT, "checkpoints", "testbed", "base"),
                    help="base checkpoint every method starts from (copied under --runs first)")
+    p.add_argument("--base-cfg", type=float, default=None,
+                   help="a row for the base sampled with this CFG scale (default: configs/testbed_crd.yaml's "
+                        "crd.cfg_scale, the guided model CRD anchors to; 0 = no such row)")
     args = p.parse_args(argv)
+    if args.base_cfg is not None and args.base_cfg < 0:
+        p.error(f"--base-cfg must be >= 0, got {args.base_cfg}")
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -169,10 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = os.path.abspath(args.runs)
     base = os.path.join(runs, "base")  # frozen copy: every method starts from (and is compared with) the same base
     started = datetime.datetime.now(datetime.timezone.utc)
+    from engine.config import load_config
+    crd = load_config(os.path.join(ROOT, "configs", "testbed_crd.yaml"))
     if not args.reward_calls:
-        from engine.config import load_config
-        crd = load_config(os.path.join(ROOT, "configs", "testbed_crd.yaml"))
         args.reward_calls = crd.train.epochs * crd.data.prompts_per_epoch * crd.data.group_size
+    if args.base_cfg is None:
+        args.base_cfg = crd.algo.cfg_scale
     targets = {m: epochs_for(m, args.reward_calls)[0] for m in methods}
     reused = [m for m in methods if args.skip_training or (args.reuse_existing and _finished(
         os.path.join(runs, f"testbed_{m}"), targets[m]))]
@@ -196,7 +211,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ctx, adapter = load_context(ckpt)
         if i == 0:  # the base model, with the same noise as every method
             results["base"] = evaluate(ctx, prompt_set, None, samples_per_prompt=args.samples_per_prompt,
-                                       samples_per_family=args.samples_per_family, seed=args.seed, grid_path=os.path.join(grids, "base.png"))
+                                       samples_per_family=args.samples_per_family, seed=args.seed,
+                                       grid_path=os.path.join(grids, "base.png"))
+            if args.base_cfg not in (0, 1):
+                name = f"base_cfg{args.base_cfg:g}"
+                results[name] = evaluate(ctx, prompt_set, None, samples_per_prompt=args.samples_per_prompt,
+                                         samples_per_family=args.samples_per_family, seed=args.seed,
+                                         grid_path=os.path.join(grids, f"{name}.png"), cfg_scale=args.base_cfg)
         r = evaluate(ctx, prompt_set, adapter, samples_per_prompt=args.samples_per_prompt,
                      samples_per_family=args.samples_per_family, seed=args.seed,
                      grid_path=os.path.join(grids, f"{m}.png"))
@@ -232,8 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mean partial-credit GenEval reward. Unseen metrics (never optimised): FD = Frechet distance to rendered "
         "scenes in classifier features (lower is better), diversity = mean pairwise RMS pixel distance within a "
         "prompt's samples, off-palette and artifact pixel fractions (lower is better). wall_s = training time.",
-        "- base = the pretrained model sampled with the rollout ODE; DIDR = its one-step generator; FDFO = its own "
-        "sampler steps.",
+        "- base = the pretrained model sampled with the rollout ODE"
+        + (f"; base_cfg{args.base_cfg:g} = the same with classifier-free guidance {args.base_cfg:g} (no training: "
+           "the guided model CRD's KL anchor pulls toward; CRD and NFT sample without guidance)"
+           if args.base_cfg not in (0, 1) else "")
+        + "; DIDR = its one-step generator; FDFO = its own sampler steps.",
         "",
         table,
         "",

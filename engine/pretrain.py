@@ -16,13 +16,19 @@ under ``<state-dir>/evals/step_N``).
 """
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__" and __package__ in (None, ""):  # `python engine/X.py`: engine/logging.py would shadow
+    _HERE = os.path.dirname(os.path.abspath(__file__))   # the standard library's logging; the repo root is needed
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+    sys.path.insert(0, os.path.dirname(_HERE))
+
 import argparse
 import copy
 import json
 import math
-import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
