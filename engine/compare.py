@@ -66,6 +66,7 @@ def train_methods(jobs: dict[str, tuple[int, str]], base: str, parallel: int = 1
     (s) and writes it to ``<run_dir>/wall_time.json``."""
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "HF_HUB_OFFLINE": "1"}
     pending, running, walls = list(jobs.items()), {}, {}
+    shown, last_print = {}, {}  # per method: the last epoch count printed and when
     while pending or running:
         while pending and len(running) < max(1, parallel):
             m, (epochs, run_dir) = pending.pop(0)
@@ -79,6 +80,10 @@ def train_methods(jobs: dict[str, tuple[int, str]], base: str, parallel: int = 1
         time.sleep(2)
         for m, (proc, t0, log, run_dir) in list(running.items()):
             if proc.poll() is None:
+                done = _epochs_logged(run_dir)  # the runs train with log.progress=false: say how far they are
+                if done > shown.get(m, 0) and (done == jobs[m][0] or time.time() - last_print.get(m, t0) >= 30):
+                    print(f"[compare] {m}: epoch {done}/{jobs[m][0]}, {time.time() - t0:.0f} s", flush=True)
+                    shown[m], last_print[m] = done, time.time()
                 continue
             log.close()
             del running[m]
@@ -89,6 +94,21 @@ def train_methods(jobs: dict[str, tuple[int, str]], base: str, parallel: int = 1
                 json.dump({"wall_s": walls[m], "epochs": jobs[m][0], "parallel": parallel}, f)
             print(f"[compare] {m}: trained in {walls[m]:.0f} s", flush=True)
     return walls
+
+
+def _epochs_logged(run_dir: str) -> int:
+    """Epoch records in ``<run_dir>/metrics.jsonl`` so far (0 before the first; a line being written is skipped)."""
+    count = 0
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    count += json.loads(line).get("kind") == "epoch"
+                except ValueError:
+                    continue
+    except OSError:
+        return 0
+    return count
 
 
 def run_wall_time(run_dir: str) -> float | None:

@@ -180,6 +180,12 @@ def test_nft_runs_end_to_end(tmp_path):
     last = run_config(tiny_overrides(run, **{"train.epochs": 1}), config="configs/testbed_nft.yaml")
     assert "l_pos/mean" in last and last["decay/old"] == pytest.approx(0.002)
     assert len(step_losses(run)) == 2
+    # engine.compare reports a training's progress from the epoch records of its metrics.jsonl
+    from engine.compare import _epochs_logged
+    assert _epochs_logged(run) == len(records(run, "epoch")) == 1
+    with open(os.path.join(run, "metrics.jsonl"), "a") as f:
+        f.write('{"kind": "epo')  # a record being written is not counted (nor an error)
+    assert _epochs_logged(run) == 1 and _epochs_logged(str(tmp_path / "missing")) == 0
 
 
 def test_crd_on_a_tiny_sd3_family_model(tmp_path):
