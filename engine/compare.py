@@ -8,16 +8,17 @@ One command (from the repository root)::
                              [--reuse-existing] [--base checkpoints/testbed/base] [--base-cfg 4.5]
 
 For each method it trains ``configs/testbed_<method>.yaml`` (``engine/train.py``, one process) for
-``reward_calls // (prompts_per_epoch * group_size)`` epochs (default budget: the CRD recipe's), so every method scores the same number of generated
-images with its reward (CRD/NFT/FDFO: rollout samples scored by the GenEval rules; DIDR: generator samples scored by
-the differentiable classifier reward), all from a frozen copy of the base checkpoint taken at the start. Then the
-base model (rollout ODE, no LoRA) and every trained checkpoint (the method's own sampler: DIDR one step) are
-evaluated on the held-out prompts with the same noise per (prompt, sample) (``engine.eval``), plus the base sampled
-with classifier-free guidance ``--base-cfg`` (default: the CRD recipe's KL-anchor scale, the model CRD distills;
-0 = no such row), and one markdown table
-(strict accuracy per family + overall, partial-credit reward, unseen metrics, training wall time, reward calls) is
-written with the machine, the load and the date. ``--skip-training`` evaluates existing runs under ``--runs``
-(``<runs>/testbed_<method>``; the table then says so, and their wall time comes from the run's files).
+``reward_calls // (prompts_per_epoch * group_size)`` epochs (default budget: the CRD recipe's), so every method
+scores the same number of generated images with its reward (CRD/NFT/FDFO: rollout samples scored by the GenEval
+rules; DIDR: generator samples scored by the differentiable classifier reward), all from a frozen copy of the base
+checkpoint taken at the start; each training's progress is printed from its ``metrics.jsonl``. Then the base model
+(rollout ODE, no LoRA), the base sampled with classifier-free guidance ``--base-cfg`` (default: the CRD recipe's
+KL-anchor scale, the guided model CRD distills; 0 = no such row) and every trained checkpoint (the method's own
+sampler: DIDR one step) are evaluated on the held-out prompts with the same noise per (prompt, sample)
+(``engine.eval``), and one markdown table (strict accuracy per family + overall, partial-credit reward, unseen
+metrics, training wall time, reward calls) is written with the machine, the load and the date. ``--skip-training``
+evaluates existing runs under ``--runs`` (``<runs>/testbed_<method>``; the table then says so, and their wall time
+comes from the run's files).
 """
 from __future__ import annotations
 

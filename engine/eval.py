@@ -6,13 +6,13 @@ Usage::
                           [--samples-per-prompt 2] [--samples-per-family 64] [--cfg-scale 1.0]
                           [--out DIR] [--metrics runs/testbed_crd/metrics.jsonl]
 
-``PATH`` is either a base model directory (``checkpoints/testbed/base``: evaluated with the rollout ODE, no LoRA)
-(``--cfg-scale W`` samples it with classifier-free guidance W: e.g. the CFG-guided
-model CRD anchors its KL to, or the sampler of DIDR's regression targets) or an engine run checkpoint (``runs/testbed_crd/checkpoints/step-00000080``: the run's ``config.yaml`` next to
-``checkpoints/`` says which method and weights; the method's own ``eval_sample`` draws the samples, e.g. DIDR's
-one-step generator). It prints a table (strict accuracy per family + overall, mean partial-credit reward, Frechet
-distance in classifier features, in-group diversity, off-palette and artifact fractions), writes a sample grid PNG
-and, when the run has a ``metrics.jsonl``, a reward-curve PNG.
+``PATH`` is either a base model directory (``checkpoints/testbed/base``: evaluated with the rollout ODE, no LoRA;
+``--cfg-scale W`` samples it with classifier-free guidance W, e.g. the guided model CRD anchors its KL to, or the
+sampler of DIDR's regression targets) or an engine run checkpoint (``runs/testbed_crd/checkpoints/step-00000080``:
+the run's ``config.yaml`` next to ``checkpoints/`` says which method and weights; the method's own ``eval_sample``
+draws the samples, e.g. DIDR's one-step generator). It prints a table (strict accuracy per family + overall, mean
+partial-credit reward, Frechet distance in classifier features, in-group diversity, off-palette and artifact
+fractions), writes a sample grid PNG and, when the run has a ``metrics.jsonl``, a reward-curve PNG.
 
 Comparisons are paired: sample ``j`` of prompt ``i`` starts from the same noise for every model (seeded by
 ``(seed, i, j)``), so differences between models are not noise draws.
@@ -336,7 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="samples per prompt family at least (0 = samples-per-prompt for every prompt)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cfg-scale", type=float, default=1.0,
-                   help="base model only: sample with classifier-free guidance of this scale (1 = none, the rollout ODE)")
+                   help="base model only: sample with classifier-free guidance of this scale (1 = none: the "
+                        "rollout ODE)")
     p.add_argument("--out", default=None, help="where PNGs go (default: <checkpoint>/../../eval or runs/eval)")
     p.add_argument("--metrics", default=None, help="metrics.jsonl for the reward curve (default: the run's)")
     args = p.parse_args(argv)
