@@ -209,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.reward_calls = crd.train.epochs * crd.data.prompts_per_epoch * crd.data.group_size
     if args.base_cfg is None:
         args.base_cfg = crd.algo.cfg_scale
+    cfg_row = f"base_cfg{args.base_cfg:g}" if args.base_cfg not in (0, 1) else None  # 1 would repeat the base row
     targets = {m: epochs_for(m, args.reward_calls)[0] for m in methods}
     reused = [m for m in methods if args.skip_training or (args.reuse_existing and _finished(
         os.path.join(runs, f"testbed_{m}"), targets[m]))]
@@ -234,11 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["base"] = evaluate(ctx, prompt_set, None, samples_per_prompt=args.samples_per_prompt,
                                        samples_per_family=args.samples_per_family, seed=args.seed,
                                        grid_path=os.path.join(grids, "base.png"))
-            if args.base_cfg not in (0, 1):
-                name = f"base_cfg{args.base_cfg:g}"
-                results[name] = evaluate(ctx, prompt_set, None, samples_per_prompt=args.samples_per_prompt,
-                                         samples_per_family=args.samples_per_family, seed=args.seed,
-                                         grid_path=os.path.join(grids, f"{name}.png"), cfg_scale=args.base_cfg)
+            if cfg_row:
+                results[cfg_row] = evaluate(ctx, prompt_set, None, samples_per_prompt=args.samples_per_prompt,
+                                            samples_per_family=args.samples_per_family, seed=args.seed,
+                                            grid_path=os.path.join(grids, f"{cfg_row}.png"), cfg_scale=args.base_cfg)
         r = evaluate(ctx, prompt_set, adapter, samples_per_prompt=args.samples_per_prompt,
                      samples_per_family=args.samples_per_family, seed=args.seed,
                      grid_path=os.path.join(grids, f"{m}.png"))
@@ -275,9 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scenes in classifier features (lower is better), diversity = mean pairwise RMS pixel distance within a "
         "prompt's samples, off-palette and artifact pixel fractions (lower is better). wall_s = training time.",
         "- base = the pretrained model sampled with the rollout ODE"
-        + (f"; base_cfg{args.base_cfg:g} = the same with classifier-free guidance {args.base_cfg:g} (no training: "
-           "the guided model CRD's KL anchor pulls toward; CRD and NFT sample without guidance)"
-           if args.base_cfg not in (0, 1) else "")
+        + (f"; {cfg_row} = the same with classifier-free guidance {args.base_cfg:g} (no training: "
+           "the guided model CRD's KL anchor pulls toward; CRD and NFT sample without guidance)" if cfg_row else "")
         + "; DIDR = its one-step generator; FDFO = its own sampler steps.",
         "",
         table,

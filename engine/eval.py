@@ -115,7 +115,6 @@ def generate(ctx, prompt_set, adapter: str | None, *, samples_per_prompt: int = 
     model), their metadata and group ids (prompt indices). ``adapter=None``: the pretrained model with the rollout
     ODE (the base model; with classifier-free guidance ``cfg_scale`` when it is not 1); otherwise the method's
     ``eval_sample`` with that adapter."""
-    from engine.methods import Method
     from engine.rollout import STREAM_INIT_NOISE, sample_noise
     from models.samplers import sample_ode
 
@@ -134,11 +133,9 @@ def generate(ctx, prompt_set, adapter: str | None, *, samples_per_prompt: int = 
     outs = []
     for s in range(0, total, batch_size):
         sl = slice(s, s + batch_size)
-        if adapter is None and cfg_scale != 1.0:
+        if adapter is None:  # the rollout ODE (``Method.eval_sample``'s default), guided when cfg_scale != 1
             x0 = sample_ode(ctx.model, noise[sl], cond.index(sl), ctx.sigmas(), adapter="pretrained",
                             cfg_scale=cfg_scale)
-        elif adapter is None:
-            x0 = Method.eval_sample(ctx.method, ctx, noise[sl], cond.index(sl), "pretrained")
         else:
             x0 = ctx.method.eval_sample(ctx, noise[sl], cond.index(sl), adapter)
         outs.append(ctx.model.decode(x0).float().cpu())
@@ -355,7 +352,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "method samples)")
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint))) if adapter else None
     out = args.out or (os.path.join(run_dir, "eval") if run_dir else os.path.join("runs", "eval"))
-    name = ("base" if args.cfg_scale == 1.0 else f"base_cfg{args.cfg_scale:g}") if adapter is None else ctx.cfg.method
+    if adapter is not None:
+        name = ctx.cfg.method
+    else:
+        name = "base" if args.cfg_scale == 1.0 else f"base_cfg{args.cfg_scale:g}"
     prompt_set = load_prompts(args.prompts)
     res = evaluate(ctx, prompt_set, adapter, samples_per_prompt=args.samples_per_prompt,
                    samples_per_family=args.samples_per_family, seed=args.seed,
