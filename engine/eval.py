@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import sys
 
-if __name__ == "__main__" and __package__ in (None, ""):  # `python engine/eval.py`: engine/logging.py would shadow
+if __name__ == "__main__" and __package__ in (None, ""):  # `python engine/eval.py`: engine/runlog.py would shadow
     _HERE = os.path.dirname(os.path.abspath(__file__))   # the standard library's logging
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
     sys.path.insert(0, os.path.dirname(_HERE))

@@ -14,7 +14,7 @@ import torch
 
 from engine.checkpoint import Checkpointer
 from engine.config import BatchLayout, Config, ConfigError, derive_batch, eligible_timesteps, to_dict
-from engine.logging import RunLogger, Timer, peak_memory
+from engine.runlog import RunLogger, Timer, peak_memory
 from engine.methods import Method, get_method
 from engine.nvtx_ranges import nvtx_range
 from engine.rollout import EngineModel, Rollout

@@ -4,17 +4,11 @@ Also runs as ``python engine/train.py ...`` (one process) and under ``torchrun``
 recipe of the method is used (``configs/testbed_<method>.yaml``). ``--help`` lists every option with its default.
 Config errors print one sentence and exit with code 2.
 """
+import argparse
 import os
 import sys
 
-# `python engine/train.py` puts engine/ first on sys.path, where engine/logging.py would shadow the standard library
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-import argparse  # noqa: E402
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 USAGE = "deepspeed engine/train.py --method {crd,nft,...} [--config X.yaml] [key=value ...]"
 

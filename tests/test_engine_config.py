@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.config import ConfigError, derive_batch, help_lines, load_config
-from engine.logging import StepStats
+from engine.runlog import StepStats
 from engine.snapshots import Schedule, Snapshots
 from tests.test_engine_helpers import clean_env
 

@@ -37,7 +37,7 @@ WORKER = textwrap.dedent("""
     from engine.rewards import register
     register("multinode_toy", "benchmarks.common:ToyReward")
     import engine.loop as loop
-    import engine.logging as elog
+    import engine.runlog as elog
     seen = {{"losses": []}}
     _build, _train, _log = loop.build, loop.train, elog.RunLogger.log
     def build(cfg):

@@ -33,7 +33,7 @@ deterministic per-sample draws (``sample_noise``, ``sample_subsets``, keyed by g
 draws the same numbers) are in :mod:`engine.rollout`; ``engine.methods.common`` has the grouped advantages with the
 bad-reward policy, stored training timesteps, once-per-epoch snapshot velocities and ``backward_step``.
 
-Metrics: ``update`` returns one dict per optimizer step, reduced once per step (``engine.logging.StepStats``);
+Metrics: ``update`` returns one dict per optimizer step, reduced once per step (``engine.runlog.StepStats``);
 nothing inside a micro-step may read a value to the host.
 """
 from __future__ import annotations

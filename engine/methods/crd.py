@@ -29,7 +29,7 @@ import torch
 
 import kernels
 from engine.config import ConfigError
-from engine.logging import StepStats
+from engine.runlog import StepStats
 from engine.methods import Method, register
 from engine.methods.common import (backward_step, draw_points, grouped_advantages, micro_batches,
                                    optimizer_step_metrics, set_boundary, snapshot_velocities, step_slices)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from engine.config import ConfigError
-from engine.logging import StepStats
+from engine.runlog import StepStats
 from engine.methods import Method, register
 from engine.methods.fdfo import TorchStepper
 from engine.nvtx_ranges import nvtx_range

@@ -32,7 +32,7 @@ import torch
 
 import kernels
 from engine.config import ConfigError
-from engine.logging import StepStats
+from engine.runlog import StepStats
 from engine.methods import Method, register
 from engine.nvtx_ranges import nvtx_range
 from models.base import Cond
