@@ -100,7 +100,7 @@ def torch_kernels():
 
 def build_engine(cfg):
     """``engine.loop.build`` (DeepSpeed engine, adapters, snapshots, rewards, logger) -> Context."""
-    from engine.loop import build
+    from engine.context import build
     ctx, _ = build(cfg)
     return ctx
 

@@ -50,7 +50,7 @@ def build_reference(cfg) -> ReferenceTrainer:
     """A reference trainer for a CRD ``engine.config.Config`` (one process), initialised exactly like the engine:
     the same seed before building the model, so the LoRA initialisation is identical."""
     from engine.data import GroupSampler, load_prompts
-    from engine.loop import build_model
+    from engine.context import build_model
     from engine.rewards import build_rewards
     from engine.config import to_dict
 

@@ -24,8 +24,7 @@ import torch
 import yaml
 
 
-class ConfigError(ValueError):
-    """A bad configuration: unknown key, wrong type, impossible value or batch arithmetic (exit code 2)."""
+from engine.errors import ConfigError  # noqa: E402  (re-exported: the error type of every config problem)
 
 
 def opt(default: Any, help: str = "", **kw) -> Any:

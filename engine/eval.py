@@ -80,7 +80,7 @@ def _config_for(checkpoint: str, method_config: str | None, overrides: Sequence[
 
 def load_context(checkpoint: str, method_config: str | None = None, overrides: Sequence[str] = ()):
     """(engine Context with the checkpoint's weights loaded, adapter to evaluate or None for the base model)."""
-    from engine.loop import build
+    from engine.context import build
 
     cfg, is_run_ckpt = _config_for(checkpoint, method_config, overrides)
     cfg.output_dir = tempfile.mkdtemp(prefix="rlflow-eval-")  # build() opens a logger there; nothing is kept

@@ -97,7 +97,7 @@ def test_didr_recipes_load():
 
 def test_didr_eval_samples_are_the_one_step_generator(tmp_path):
     from engine.config import load_config
-    from engine.loop import build
+    from engine.context import build
     from models.samplers import one_step
     from tests.test_engine_helpers import ROOT, register_test_rewards
 

@@ -101,7 +101,7 @@ def test_fdfo_eval_samples_with_its_own_sampler_settings(tmp_path):
     import torch
 
     from engine.config import load_config
-    from engine.loop import build
+    from engine.context import build
     from models.samplers import sample_ode
     from tests.test_engine_helpers import register_test_rewards
 

@@ -25,7 +25,7 @@ snapshot_update -> log/eval/checkpoint``. What varies between methods stays insi
   only prompts, conditions and latent noise (``x0=None``); ``update`` runs generator/TA steps with the
   differentiable reward ``ctx.rewards.score_differentiable``.
 
-``ctx`` (:class:`engine.loop.Context`) gives: ``cfg``, ``model`` (the FlowModel proxy whose ``velocity`` routes
+``ctx`` (:class:`engine.context.Context`) gives: ``cfg``, ``model`` (the FlowModel proxy whose ``velocity`` routes
 through the DeepSpeed engine), ``engine`` (``backward``/``step``), ``dist`` (rank, gathers of detached per-sample
 scalars), ``layout`` (:class:`~engine.config.BatchLayout`: which global samples this rank holds, micro-batches,
 accumulation), ``prompts``, ``rewards``, ``snapshots``, ``sigmas()``, ``global_step``, ``epoch``. ``Rollout`` and the
