@@ -122,35 +122,19 @@ def _load(load_prompts, path: str, key: str, kind: str):
     return load_prompts(path, kind=kind or None)
 
 
-#: model family -> (module, FlowModel class with ``from_pretrained(path, dtype=...)``)
-FAMILIES = {"sd3": ("models.sd3", "SD3Model"), "flux": ("models.flux", "FluxModel"),
-            "onestep": ("models.onestep", "UNetOneStep")}
-
-
 def build_model(cfg: Config, adapter_names) -> Any:
-    """The FlowModel of ``cfg.model`` with the method's adapters attached (LoRA or full copies)."""
+    """The FlowModel of ``cfg.model`` (its family from ``models.FAMILIES``) with the method's adapters attached
+    (LoRA or full copies)."""
+    from models import FAMILIES
     from models.lora import DEFAULT_TARGET_MODULES, LoraSettings
 
     mc = cfg.model
     dtype = torch.bfloat16 if mc.dtype == "bf16" else torch.float32
-    if mc.family == "testbed":
-        from models.testbed import TestbedConfig, TestbedModel
-        if mc.random_init:
-            from engine.testbed.world import vocabulary_words
-            model = TestbedModel.from_config(TestbedConfig.from_dict(dict(mc.size)), vocabulary_words(), seed=cfg.seed)
-        else:
-            if not os.path.isdir(mc.path):
-                raise ConfigError(f"config key 'model.path': model directory {mc.path!r} does not exist "
-                                  "(train the testbed base model first, or set model.random_init=true)")
-            model = TestbedModel.from_pretrained(mc.path, dtype=dtype)
-    else:
-        import importlib
-        module_name, cls_name = FAMILIES[mc.family]
-        cls = getattr(importlib.import_module(module_name), cls_name)
-        if not os.path.isdir(mc.path):
-            raise ConfigError(f"config key 'model.path': model directory {mc.path!r} does not exist")
-        # the resolution sets Flux-dev's schedule shift and SDXL's micro-conditioning
-        model = cls.from_pretrained(mc.path, dtype=dtype, resolution=mc.resolution)
+    family = FAMILIES.get(mc.family)
+    if not callable(getattr(family, "load", None)):
+        raise ConfigError(f"config key 'model.family': {mc.family!r} is {family!r}, not a FlowModel class "
+                          "(models.base.FlowModel subclass with load/from_pretrained)")
+    model = family.load(mc, dtype=dtype, seed=cfg.seed)
     model.latent_shape(mc.resolution, mc.resolution)  # resolution check: one clear error now
     lora = LoraSettings(rank=mc.lora_rank, alpha=mc.lora_alpha or None,
                         target_modules=tuple(mc.lora_targets) or DEFAULT_TARGET_MODULES)

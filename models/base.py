@@ -94,6 +94,19 @@ class FlowModel(nn.Module):
     #: attribute holding the network that adapters wrap ("transformer", "unet")
     adapted_attr: str = "transformer"
 
+    @classmethod
+    def load(cls, model_cfg, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> "FlowModel":
+        """The model a run's ``model:`` section names (the model-family contract, ``models.FAMILIES``): by default
+        ``from_pretrained(model_cfg.path, dtype=..., resolution=model_cfg.resolution)`` from a local directory (the
+        resolution sets Flux-dev's schedule shift and SDXL's micro-conditioning). Families that build otherwise
+        (the testbed's ``random_init``) override it."""
+        import os
+
+        from engine.errors import ConfigError
+        if not os.path.isdir(model_cfg.path):
+            raise ConfigError(f"config key 'model.path': model directory {model_cfg.path!r} does not exist")
+        return cls.from_pretrained(model_cfg.path, dtype=dtype, resolution=model_cfg.resolution)
+
     def attach_adapters(self, names: Sequence[str] = ("policy", "old", "sampler"), *, mode: str = "lora",
                         lora=None):
         """Give this model named adapters (``models.lora.Adapters``) on its network; returns ``self.adapters``.

@@ -143,6 +143,19 @@ class TestbedModel(FlowModel):
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
+    def load(cls, model_cfg, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> "TestbedModel":
+        """A run's testbed model: random-init from ``model_cfg.size`` (TestbedConfig overrides) with the world's
+        vocabulary when ``random_init``, else the pretrained directory ``model_cfg.path``."""
+        from engine.errors import ConfigError
+        if model_cfg.random_init:
+            from engine.testbed.world import vocabulary_words
+            return cls.from_config(TestbedConfig.from_dict(dict(model_cfg.size)), vocabulary_words(), seed=seed)
+        if not os.path.isdir(model_cfg.path):
+            raise ConfigError(f"config key 'model.path': model directory {model_cfg.path!r} does not exist "
+                              "(train the testbed base model first, or set model.random_init=true)")
+        return cls.from_pretrained(model_cfg.path, dtype=dtype)
+
+    @classmethod
     def from_config(cls, config: TestbedConfig | None = None, vocab: Sequence[str] = (), *, seed: int = 0
                     ) -> "TestbedModel":
         """A randomly initialised model (deterministic from ``seed``) whose tokenizer knows the words of ``vocab``."""
