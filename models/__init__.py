@@ -10,8 +10,8 @@ builds a run's model with ``FAMILIES.get(name).load(model_cfg, dtype=..., seed=.
 name it as ``model.family: mypkg.models:MyFlow``.
 """
 from engine.registry import Registry
-from models.base import ADAPTER_NAMES, Cond, FlowModel, PromptCache, as_sigma_batch
-from models.lora import TRAINABLE_NAMES, Adapters, LoraSettings
+from models.base import Cond, FlowModel, PromptCache, as_sigma_batch
+from models.lora import ADAPTER_NAMES, TRAINABLE_NAMES, Adapters, LoraSettings
 from models.samplers import (PairRollout, Trajectory, flow_match_sigmas, linear_sigmas, one_step, sample_fdfo_pairs,
                              sample_ode)
 

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-ADAPTER_NAMES = ("policy", "old", "sampler", "pretrained", "fake", "ema")
+from models.lora import Adapters
 
 
 @dataclass
@@ -113,8 +113,6 @@ class FlowModel(nn.Module):
 
         ``mode`` "lora" (peft LoRA on the shared network, ``lora`` a ``LoraSettings``) or "full" (deep copies).
         """
-        from models.lora import Adapters
-
         if getattr(self, "adapters", None) is not None and self.adapters.mode != "none":
             raise ValueError(f"adapters are already attached (mode {self.adapters.mode!r}, "
                              f"names {self.adapters.names})")

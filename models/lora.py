@@ -29,8 +29,9 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from models.base import ADAPTER_NAMES
 
+#: every adapter a method may attach (the roles are in the module docstring)
+ADAPTER_NAMES = ("policy", "old", "sampler", "pretrained", "fake", "ema")
 #: adapters that receive gradients (DIDR's fake score is trained next to the generator/policy)
 TRAINABLE_NAMES = ("policy", "fake")
 #: attention projections of diffusers' joint (SD3/Flux) and plain (UNet) attention blocks
