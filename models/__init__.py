@@ -23,6 +23,6 @@ FAMILIES = Registry("model family", {
     "onestep": "models.onestep:UNetOneStep",    # SD/SDXL-Turbo-style one-step UNet generators
 })
 
-__all__ = ["FAMILIES", "ADAPTER_NAMES", "TRAINABLE_NAMES", "Adapters", "Cond", "FlowModel", "LoraSettings", "PairRollout",
-           "PromptCache", "Trajectory", "as_sigma_batch", "flow_match_sigmas", "linear_sigmas", "one_step",
+__all__ = ["FAMILIES", "ADAPTER_NAMES", "TRAINABLE_NAMES", "Adapters", "Cond", "FlowModel", "LoraSettings",
+           "PairRollout", "PromptCache", "Trajectory", "as_sigma_batch", "flow_match_sigmas", "linear_sigmas", "one_step",
            "sample_fdfo_pairs", "sample_ode"]

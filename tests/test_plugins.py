@@ -142,7 +142,7 @@ def test_a_toy_family_and_reward_from_module_paths_train_one_epoch(tmp_path, mon
     metrics = train(cfg)
     (model,) = toyplug.models.BUILT
     lora = [p.detach() for n, p in model.transformer.named_parameters() if "lora_B.policy" in n]
-    assert len(lora) == 2 and all(p.abs().sum() > 0 for p in lora), "the toy model's policy LoRA (B = 0 at init) never moved"
+    assert len(lora) == 2 and all(p.abs().sum() > 0 for p in lora), "the policy LoRA (B = 0 at init) never moved"
     assert metrics["epoch"] == 0 and "reward/redness/mean" in metrics, sorted(metrics)
 
 
