@@ -24,5 +24,5 @@ FAMILIES = Registry("model family", {
 })
 
 __all__ = ["FAMILIES", "ADAPTER_NAMES", "TRAINABLE_NAMES", "Adapters", "Cond", "FlowModel", "LoraSettings",
-           "PairRollout", "PromptCache", "Trajectory", "as_sigma_batch", "flow_match_sigmas", "linear_sigmas", "one_step",
-           "sample_fdfo_pairs", "sample_ode"]
+           "PairRollout", "PromptCache", "Trajectory", "as_sigma_batch", "flow_match_sigmas", "linear_sigmas",
+           "one_step", "sample_fdfo_pairs", "sample_ode"]
