@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"

@@ -1,4 +1,4 @@
-"""Typed configuration: dataclasses, YAML recipes, dotted ``key=value`` overrides, and the batch arithmetic.
+"""Typed configuration: the schema (dataclass sections), YAML recipes, dotted ``key=value`` overrides, validation.
 
 A run's config is one :class:`Config`. It is built from (in order) the dataclass defaults, a YAML recipe, then
 command-line overrides such as ``train.micro_batch_size=4`` or ``crd.kl_beta=0``. The options of the chosen method
@@ -8,42 +8,30 @@ live in a section named after it (``crd:``, ``nft:``, ...) whose dataclass the m
 Every value is type-checked against its field annotation; any problem raises :class:`ConfigError` with one sentence
 naming the key (``train.py`` prints it and exits with code 2).
 
-:func:`derive_batch` is the ONE place where per-rank batch sizes, gradient accumulation and the micro-batch layout
-come from (world size, prompts per epoch, group size, micro-batch size, optimizer steps per epoch, timesteps).
+Every option is declared with :func:`engine.options.opt` (default + help line), so ``--help`` describes all of them.
+The batch arithmetic (per-rank sizes, accumulation, micro-batch layout) is :mod:`engine.batch`.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import yaml
 
-
-from engine.errors import ConfigError  # noqa: E402  (re-exported: the error type of every config problem)
-
-
-def opt(default: Any, help: str = "", **kw) -> Any:
-    """A dataclass field with a default and a help line (shown by ``train.py --help``)."""
-    if isinstance(default, (list, dict, tuple)) or dataclasses.is_dataclass(default):
-        value = default
-        return field(default_factory=lambda: _copy(value), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
-
-
-def _copy(v):
-    import copy
-    return copy.deepcopy(v)
+from engine.errors import ConfigError  # noqa: F401  (re-exported: the error type of every config problem)
+from engine.options import opt
+from engine.registry import import_path, is_import_path
+from engine.rewards.registry import RewardSpec
 
 
 # ---------------------------------------------------------------------------------------------------- sections
 @dataclass
 class ModelConfig:
-    family: str = opt("testbed", "model family: testbed | sd3 | flux | onestep (SD/SDXL-Turbo-style UNet)")
+    family: str = opt("testbed", "model family (models.FAMILIES): testbed | sd3 | flux | onestep (SD/SDXL-Turbo-style "
+                                  "UNet), or a 'module:Class' path to your own FlowModel subclass")
     path: str = opt("checkpoints/testbed/base", "local diffusers-style model directory")
     random_init: bool = opt(False, "testbed only: build a random-init model from `size` instead of loading `path`")
     size: dict = opt({}, "testbed only: TestbedConfig overrides for random_init (e.g. {num_layers: 1})")
@@ -88,8 +76,9 @@ class TrainConfig:
     dtype: str = opt("fp32", "training precision: fp32 | bf16")
     max_bad_reward_fraction: float = opt(0.25, "abort when more than this fraction of an epoch's samples have "
                                                 "a NaN/failed reward (those groups are dropped below it)")
-    kernel_backend: str = opt("auto", "CRD/NFT loss kernels: auto (fused Triton on CUDA, or on CPU under "
-                                      "TRITON_INTERPRET=1; torch otherwise) | torch (the reference) | triton")
+    kernel_backend: str = opt("auto", "loss kernels of every method (CRD/NFT/FDFO): auto (fused Triton on CUDA, or "
+                                      "on CPU under TRITON_INTERPRET=1; torch otherwise) | torch (the reference) | "
+                                      "triton")
     stack_timesteps: bool = opt(False, "CRD/NFT: run a micro-batch's K timesteps as ONE stacked policy forward/"
                                        "backward (and one anchor pass, one snapshot pass): fewer, larger GEMMs, same "
                                        "gradient, K-fold activation memory (off by default: 3-6% slower on CPU, "
@@ -105,16 +94,6 @@ class DeepSpeedConfig:
     param_persistence_threshold: int = opt(100000, "ZeRO-3: parameters this small stay unpartitioned")
     reduce_bucket_size: int = opt(50_000_000, "ZeRO gradient reduce bucket (elements)")
     backend: str = opt("auto", "collective backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo")
-
-
-@dataclass
-class RewardSpec:
-    name: str = opt("testbed_geneval", "reward registry name")
-    weight: float = opt(1.0, "weight in the trained total")
-    backend: str = opt("local", "local | async | remote")
-    kwargs: dict = opt({}, "reward constructor options")
-    key: str = opt("", "key of this component in the logged scores ('' = name)")
-    async_workers: int = opt(1, "threads of the async backend")
 
 
 @dataclass
@@ -139,6 +118,9 @@ class EvalConfig:
     every: int = opt(0, "evaluate on test prompts every this many epochs (0 = only before/after)")
     num_prompts: int = opt(32, "held-out prompts per evaluation (0 = no eval)")
     adapter: str = opt("policy", "weights to evaluate: policy | ema")
+    after_training: str = opt("", "'module:callable' that train.py calls as fn(cfg) after the last epoch when "
+                                  "checkpoint.at_end (the testbed recipes: engine.testbed.eval:before_after, the "
+                                  "before/after table on the held-out prompts); '' = none")
 
 
 @dataclass
@@ -146,15 +128,15 @@ class Config:
     method: str = opt("crd", "method registry name: crd | nft | ...")
     output_dir: str = opt("runs/{method}", "run directory (logs, grids, checkpoints); {method} is substituted")
     seed: int = opt(0, "seed of every random draw (prompts, noise, timesteps)")
-    model: ModelConfig = opt(ModelConfig())
-    data: DataConfig = opt(DataConfig())
-    rollout: RolloutConfig = opt(RolloutConfig())
-    train: TrainConfig = opt(TrainConfig())
-    deepspeed: DeepSpeedConfig = opt(DeepSpeedConfig())
+    model: ModelConfig = opt(ModelConfig(), "the model family, weights and adapters")
+    data: DataConfig = opt(DataConfig(), "prompts and groups")
+    rollout: RolloutConfig = opt(RolloutConfig(), "the sampler")
+    train: TrainConfig = opt(TrainConfig(), "the optimisation")
+    deepspeed: DeepSpeedConfig = opt(DeepSpeedConfig(), "ZeRO and collectives")
     rewards: list[RewardSpec] = opt([RewardSpec()], "reward specs [{name, weight, backend, kwargs}]")
-    log: LogConfig = opt(LogConfig())
-    checkpoint: CheckpointConfig = opt(CheckpointConfig())
-    eval: EvalConfig = opt(EvalConfig())
+    log: LogConfig = opt(LogConfig(), "logging")
+    checkpoint: CheckpointConfig = opt(CheckpointConfig(), "checkpoints and resume")
+    eval: EvalConfig = opt(EvalConfig(), "held-out evaluation")
     #: the method's options (YAML section named after the method); set by load_config
     algo: Any = field(default=None, metadata={"help": "(the method's section)", "internal": True})
 
@@ -321,9 +303,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), method: str 
     for ov in overrides:
         k, v = parse_override(ov)
         _set_path(tree, k, v)
-    if method is not None:
-        if tree.get("method", method) != method and path:
-            pass  # the command line names the method; a recipe for another one is still usable
+    if method is not None:  # the command line names the method (a recipe written for another one still loads)
         tree["method"] = method
     chosen = tree.get("method", Config.method if isinstance(Config.method, str) else "crd")
     if not isinstance(chosen, str) or chosen not in method_configs:
@@ -345,8 +325,10 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"config key {key!r} must be {what}, got {got!r}")
 
-    need(cfg.model.family in ("testbed", "sd3", "flux", "onestep"), "model.family", "testbed, sd3, flux or onestep",
-         cfg.model.family)
+    from models import FAMILIES  # the model-family registry lives with the models
+    need(cfg.model.family in FAMILIES, "model.family",
+         f"a registered family ({', '.join(FAMILIES.names())}) or a 'module:Class' path", cfg.model.family)
+    FAMILIES.get(cfg.model.family)  # a plug-in's import error is one sentence now, before any process group
     need(cfg.model.finetune in ("lora", "full"), "model.finetune", "lora or full", cfg.model.finetune)
     need(cfg.model.dtype in ("fp32", "bf16"), "model.dtype", "fp32 or bf16", cfg.model.dtype)
     need(cfg.train.dtype in ("fp32", "bf16"), "train.dtype", "fp32 or bf16", cfg.train.dtype)
@@ -381,83 +363,16 @@ def validate(cfg: Config) -> None:
          "false unless deepspeed.zero_stage >= 1", cfg.deepspeed.offload_optimizer)
     need(len(cfg.rewards) >= 1, "rewards", "a non-empty list of reward specs", cfg.rewards)
     for i, r in enumerate(cfg.rewards):
-        need(r.backend in ("local", "async", "remote"), f"rewards[{i}].backend", "local, async or remote", r.backend)
+        r.validate(f"rewards[{i}]")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", ">= 1", cfg.checkpoint.keep)
     need(cfg.checkpoint.every >= 0, "checkpoint.every", ">= 0", cfg.checkpoint.every)
     need(cfg.eval.adapter in ("policy", "ema"), "eval.adapter", "policy or ema", cfg.eval.adapter)
+    if cfg.eval.after_training:
+        need(is_import_path(cfg.eval.after_training), "eval.after_training", "'' or a 'module:callable' path",
+             cfg.eval.after_training)
+        import_path(cfg.eval.after_training, "eval.after_training")  # a typo fails now, not after the run
     if hasattr(cfg.algo, "validate"):
         cfg.algo.validate(cfg)
-
-
-# ------------------------------------------------------------------------------------------- batch arithmetic
-@dataclass(frozen=True)
-class BatchLayout:
-    """Who processes which sample, when. Global samples are numbered ``0 .. N-1`` group after group
-    (group ``g`` = samples ``g*G .. g*G+G-1``). A *global micro-batch* is ``world_size * micro_batch_size``
-    consecutive samples; rank ``r`` holds its ``r``-th chunk of ``micro_batch_size``. Optimizer step ``s`` of an
-    epoch covers global micro-batches ``s*a .. s*a+a-1``, each at ``timesteps`` timesteps (one micro-step each).
-    """
-
-    world_size: int
-    prompts_per_epoch: int
-    group_size: int
-    samples_per_epoch: int          # N = P * G
-    samples_per_rank: int           # n = N / W
-    micro_batch_size: int           # m, per rank
-    micro_batches_per_step: int     # a, per rank
-    gradient_steps: int             # S
-    timesteps: int                  # K per sample
-    accumulation: int               # a * K micro-steps per optimizer step
-    whole_groups: bool              # every global micro-batch holds whole groups (exact group centering)
-    groups_local: bool              # ... and every rank's micro-batch holds whole groups (no cross-rank gather)
-
-    @property
-    def global_micro_batch(self) -> int:
-        return self.world_size * self.micro_batch_size
-
-    def rank_indices(self, rank: int) -> torch.Tensor:
-        """Global sample indices of ``rank`` in processing order (micro-batch j = rows j*m .. j*m+m-1)."""
-        m, gm = self.micro_batch_size, self.global_micro_batch
-        blocks = torch.arange(self.samples_per_epoch // gm).unsqueeze(1) * gm
-        return (blocks + rank * m + torch.arange(m).unsqueeze(0)).reshape(-1)
-
-
-def eligible_timesteps(num_steps: int, timestep_fraction: float) -> int:
-    """How many of the sampler's N sigmas (noisiest first) are trained on: ``int(N * fraction)``, at least 1."""
-    return max(1, int(num_steps * timestep_fraction))
-
-
-def derive_batch(world_size: int, prompts_per_epoch: int, group_size: int, micro_batch_size: int,
-                 gradient_steps_per_epoch: int, timesteps: int, *, exact_groups: bool = True) -> BatchLayout:
-    """The one derivation of per-rank batch sizes, accumulation and micro-batch layout (ConfigError if impossible).
-
-    Needs ``N = P*G`` samples to split into ``S`` optimizer steps of whole global micro-batches
-    (``N % (S * W * m) == 0``) and, for exact group centering (``exact_groups``), every global micro-batch to hold
-    whole groups (``(W * m) % G == 0``).
-    """
-    W, P, G, m, S, K = world_size, prompts_per_epoch, group_size, micro_batch_size, gradient_steps_per_epoch, timesteps
-    for name, v in (("world size", W), ("data.prompts_per_epoch", P), ("data.group_size", G),
-                    ("train.micro_batch_size", m), ("train.gradient_steps_per_epoch", S), ("timesteps", K)):
-        if v < 1:
-            raise ConfigError(f"{name} must be >= 1, got {v}")
-    N, gm = P * G, W * m
-    if N % (S * gm):
-        raise ConfigError(
-            f"batch arithmetic: prompts_per_epoch * group_size = {P} * {G} = {N} samples must split into "
-            f"gradient_steps_per_epoch * world_size * micro_batch_size = {S} * {W} * {m} = {S * gm} per chunk, "
-            f"but {N} % {S * gm} = {N % (S * gm)}; change data.prompts_per_epoch, train.micro_batch_size or "
-            f"train.gradient_steps_per_epoch")
-    whole = gm % G == 0
-    if exact_groups and not whole:
-        raise ConfigError(
-            f"batch arithmetic: exact group centering needs whole groups in every global micro-batch, but "
-            f"world_size * micro_batch_size = {W} * {m} = {gm} is not a multiple of group_size {G} "
-            f"({gm} % {G} = {gm % G}); make train.micro_batch_size a multiple of {G // math.gcd(G, W)} "
-            f"or use centering 'batch'")
-    a = N // (S * gm)
-    return BatchLayout(world_size=W, prompts_per_epoch=P, group_size=G, samples_per_epoch=N,
-                       samples_per_rank=N // W, micro_batch_size=m, micro_batches_per_step=a, gradient_steps=S,
-                       timesteps=K, accumulation=a * K, whole_groups=whole, groups_local=m % G == 0)
 
 
 # ------------------------------------------------------------------------------------------------- --help text
@@ -480,4 +395,7 @@ def help_lines(cls=Config, prefix: str = "") -> list[str]:
             default = to_dict(default)
         tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
         lines.append(f"  {key} ({tname}, default {default!r}): {f.metadata.get('help', '')}")
+        item = (typing.get_args(tp) or [None])[0]
+        if dataclasses.is_dataclass(item):  # a list of sections (rewards): its entries' options too
+            lines.extend(help_lines(item, f"{key}[]"))
     return lines

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from engine.checkpoint import Checkpointer
-from engine.config import BatchLayout, Config, ConfigError, derive_batch, eligible_timesteps, to_dict
+from engine.batch import BatchLayout, derive_batch, eligible_timesteps
+from engine.config import Config, ConfigError, to_dict
 from engine.methods import Method, get_method
 from engine.rollout import EngineModel
 from engine.runlog import RunLogger, Timer
@@ -88,7 +89,7 @@ def build(cfg: Config) -> tuple[Context, int]:
     snapshots = Snapshots(flow.adapters, schedules) if schedules else None
 
     from engine.rewards import build_rewards
-    rewards = build_rewards([{**to_dict(r), "key": r.key or None} for r in cfg.rewards])
+    rewards = build_rewards(cfg.rewards)
     run_dir = cfg.run_dir
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), dist, keep=cfg.checkpoint.keep)
     start_epoch, step = 0, 0

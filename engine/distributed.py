@@ -3,7 +3,7 @@
 - :func:`init_distributed`: one process (plain ``python``), ``torchrun`` or the ``deepspeed`` launcher; gloo on CPU,
   nccl on CUDA (``deepspeed.backend``). A single process without launcher variables gets a private local rendezvous.
 - :func:`deepspeed_config`: ZeRO stage 0/1/2/3, optimizer offload, parameter offload, bf16, clipping and
-  accumulation from our :class:`~engine.config.Config` and :class:`~engine.config.BatchLayout`.
+  accumulation from our :class:`~engine.config.Config` and :class:`~engine.batch.BatchLayout`.
 - :func:`initialize`: the whole ``FlowModel`` (wrapped in :class:`VelocityModule` so every call goes through the
   engine's forward and its ZeRO-3 hooks) goes to ``deepspeed.initialize`` with only the trainable parameters; frozen
   weights (pretrained base, snapshots) are partitioned under ZeRO-3 like everything else but hold no optimizer state.
@@ -21,7 +21,8 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from engine.config import BatchLayout, Config
+from engine.batch import BatchLayout
+from engine.config import Config
 
 
 @dataclass

@@ -69,6 +69,11 @@ class Registry:
 
         return add if target is None else add(target)
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a no-op when absent; for tests and plug-ins that register temporarily)."""
+        self._objects.pop(name, None)
+        self._paths.pop(name, None)
+
     def names(self) -> list[str]:
         return sorted(set(self._paths) | set(self._objects))
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -61,9 +61,9 @@ def main(argv=None) -> int:
         cfg = load_config(path, overrides, method=args.method)
         from engine.loop import train
         train(cfg)
-        if args.config is None and cfg.model.family == "testbed" and cfg.data.test_prompts and cfg.checkpoint.at_end:
-            from engine.eval import before_after  # the embedded default run ends with its before/after table
-            before_after(cfg)
+        if cfg.eval.after_training and cfg.checkpoint.at_end:  # e.g. the testbed recipes' before/after table
+            from engine.registry import import_path
+            import_path(cfg.eval.after_training, "eval.after_training")(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

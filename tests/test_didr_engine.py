@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from tests.test_engine_helpers import run_config, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -76,7 +76,8 @@ def test_didr_refuses_what_it_cannot_use(tmp_path):
 def test_didr_recipes_load():
     import yaml
 
-    from engine.config import derive_batch, load_config
+    from engine.batch import derive_batch
+    from engine.config import load_config
     from engine.methods.didr import DIDRConfig
     from tests.test_engine_helpers import ROOT
 

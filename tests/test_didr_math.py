@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from engine.distributed import Dist
 from engine.methods.didr import DIDR, DIDRConfig, denoise_k, diffused_reward_proxy, dmd_weight, score_from_velocity
 from engine.methods.fdfo import TorchStepper

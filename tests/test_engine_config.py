@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from engine.config import ConfigError, derive_batch, help_lines, load_config
+from engine.batch import derive_batch
+from engine.config import ConfigError, help_lines, load_config
 from engine.runlog import StepStats
 from engine.snapshots import Schedule, Snapshots
 from tests.test_engine_helpers import clean_env
@@ -133,7 +134,7 @@ def test_help_lists_every_option_and_cli_errors_exit_2():
 @pytest.mark.parametrize("recipe, world", [("sd35m_geneval_crd.yaml", 8), ("sd35m_ocr_crd.yaml", 8),
                                            ("flux_dev_crd.yaml", 16)])
 def test_real_scale_recipes_load_and_their_batches_derive(recipe, world):
-    from engine.config import eligible_timesteps
+    from engine.batch import eligible_timesteps
     cfg = load_config(os.path.join(ROOT, "configs", recipe))
     k = cfg.train.num_timesteps or eligible_timesteps(cfg.rollout.num_steps, cfg.train.timestep_fraction)
     lay = derive_batch(world, cfg.data.prompts_per_epoch, cfg.data.group_size, cfg.train.micro_batch_size,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.checkpoint import CheckpointError, Checkpointer
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from engine.methods.common import RewardFailure
 from tests.test_engine_helpers import ROOT, clean_env, run_config, step_losses, tiny_overrides
 
@@ -180,8 +180,8 @@ def test_nft_runs_end_to_end(tmp_path):
     last = run_config(tiny_overrides(run, **{"train.epochs": 1}), config="configs/testbed_nft.yaml")
     assert "l_pos/mean" in last and last["decay/old"] == pytest.approx(0.002)
     assert len(step_losses(run)) == 2
-    # engine.compare reports a training's progress from the epoch records of its metrics.jsonl
-    from engine.compare import _epochs_logged
+    # engine.testbed.compare reports a training's progress from the epoch records of its metrics.jsonl
+    from engine.testbed.compare import _epochs_logged
     assert _epochs_logged(run) == len(records(run, "epoch")) == 1
     with open(os.path.join(run, "metrics.jsonl"), "a") as f:
         f.write('{"kind": "epo')  # a record being written is not counted (nor an error)

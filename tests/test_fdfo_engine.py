@@ -84,7 +84,8 @@ def test_two_process_run_equals_one_process_run(tmp_path):
 @pytest.mark.parametrize("recipe,steps", [("configs/testbed_fdfo.yaml", 10), ("configs/sd35m_pickscore_fdfo.yaml", 40),
                                           ("configs/sd35m_pickscore_fdfo_fast.yaml", 10)])
 def test_fdfo_recipes_load_and_fit_the_batch_arithmetic(recipe, steps):
-    from engine.config import derive_batch, load_config
+    from engine.batch import derive_batch
+    from engine.config import load_config
     from engine.methods.fdfo import FDFOConfig
 
     cfg = load_config(os.path.join(ROOT, recipe))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from engine.distributed import Dist
 from engine.methods.fdfo import FDFO, FDFOConfig, TorchStepper, contiguous_rank_rows, item_schedule, paired_rollout
 from models.base import Cond, FlowModel
@@ -248,9 +248,9 @@ def test_rank_split_of_one_step_sums_to_the_one_rank_gradient():
 def test_fdfo_raises_a_linear_reward_over_epochs(gamma, epochs, margin):
     """A real learning run on the toy (fixed seeds): held-out reward of fresh pair rollouts (fixed noise) rises.
     Observed rises: about 0.40 (gamma 0.0025, 15 epochs) and 1.0 (gamma 0.05, 9 epochs)."""
-    model, cfg, _, _ = _setup(pairs=16, steps=6, gamma=gamma, kernel_backend="torch")  # the reference kernels:
-    cfg.micro_batch_items = 48                                                         # fast on CPU, same math
-    fdfo = FDFO(cfg, gradient_steps_per_epoch=4)
+    model, cfg, _, _ = _setup(pairs=16, steps=6, gamma=gamma)
+    cfg.micro_batch_items = 48
+    fdfo = FDFO(cfg, gradient_steps_per_epoch=4, kernel_backend="torch")  # the reference kernels: fast on CPU
     opt = TorchStepper(model.policy_params(), lr=3e-3, weight_decay=0.0)
     ev_x = torch.randn(256, *SHAPE, generator=torch.Generator().manual_seed(99))
     ev_c = Cond(torch.zeros(256, 1, 1))

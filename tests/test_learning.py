@@ -65,7 +65,7 @@ def _reward_before_after(method: str, overrides: list[str], tmp_path, repeat: in
     from engine.checkpoint import Checkpointer
     from engine.config import load_config
     from engine.data import load_prompts
-    from engine.eval import load_context
+    from engine.testbed.eval import load_context
     from engine.loop import train
     from engine.rollout import STREAM_INIT_NOISE, sample_noise
 
@@ -112,7 +112,8 @@ def test_eval_scores_rendered_scenes_as_perfect_and_draws_pngs(tmp_path):
     from PIL import Image
 
     from engine.data import load_prompts
-    from engine.eval import format_table, reward_curve, save_grid, score
+    from engine.testbed.eval import format_table, score
+    from engine.testbed.plots import reward_curve, save_grid
     from engine.testbed import world
 
     ps = load_prompts(os.path.join(ROOT, "data", "testbed", "test.jsonl"))
@@ -139,7 +140,7 @@ def test_eval_gives_every_family_about_the_same_number_of_samples():
     from collections import Counter
 
     from engine.data import load_prompts
-    from engine.eval import samples_per_prompt_index
+    from engine.testbed.eval import samples_per_prompt_index
 
     ps = load_prompts(os.path.join(ROOT, "data", "testbed", "test.jsonl"))
     tags = [m["tag"] for m in ps.metadata]
@@ -157,12 +158,12 @@ def test_eval_gives_every_family_about_the_same_number_of_samples():
 
 
 def test_eval_samples_the_base_with_classifier_free_guidance():
-    """``engine.eval --cfg-scale W`` samples the pretrained model with the guided rollout ODE (cond and null passes),
+    """``engine.testbed.eval --cfg-scale W`` samples the pretrained model with the guided rollout ODE (cond and null passes),
     from the same paired noise as the unguided base row; a trained adapter refuses it (it samples its own way)."""
     import dataclasses
 
     from engine.data import load_prompts
-    from engine.eval import EVAL_EPOCH, generate, load_context, main
+    from engine.testbed.eval import EVAL_EPOCH, generate, load_context, main
     from engine.rollout import STREAM_INIT_NOISE, sample_noise
     from models.samplers import sample_ode
 

@@ -152,8 +152,27 @@ def test_a_toy_family_and_reward_from_module_paths_train_one_epoch(tmp_path, mon
 ])
 def test_a_bad_module_path_is_one_sentence_and_exit_2(tmp_path, field, value, needle):
     recipe = write_plugin(tmp_path, **{field: value})
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT])}
+    env = {k: v for k, v in os.environ.items()  # a fresh process: no rendezvous left by an in-process run
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), ROOT])
     out = subprocess.run([sys.executable, os.path.join(ROOT, "engine", "train.py"), "--config", str(recipe)],
                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
     assert needle in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr[-2000:]
+
+
+def test_after_training_hook_runs_once_after_the_last_epoch(tmp_path, monkeypatch):
+    """``eval.after_training: module:callable`` is called as fn(cfg) by train.py after training (the testbed
+    recipes name engine.testbed.eval:before_after there); a missing callable is refused before training."""
+    recipe = write_plugin(tmp_path)
+    (tmp_path / "toyplug" / "hooks.py").write_text(
+        "import os\n\ndef after(cfg):\n    open(os.path.join(cfg.run_dir, 'after.txt'), 'a').write(cfg.method + '\\n')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "toyplug" or m.startswith("toyplug.")]:
+        monkeypatch.delitem(sys.modules, name)  # an earlier test imported the package from its own tmp_path
+    from engine.train import main
+
+    assert main(["--config", str(recipe), "checkpoint.at_end=true", "eval.after_training=toyplug.hooks:after"]) == 0
+    assert (tmp_path / "run" / "after.txt").read_text() == "crd\n"
+    assert (tmp_path / "run" / "checkpoints").is_dir()
+    assert main(["--config", str(recipe), "eval.after_training=toyplug.hooks:missing"]) == 2

@@ -5,7 +5,8 @@ import time
 import pytest
 import torch
 
-from engine.rewards import (REGISTRY, AsyncRewards, Reward, RewardSet, RewardSpec, WeightedReward, build_reward,
+from engine.errors import ConfigError
+from engine.rewards import (AsyncRewards, Reward, RewardSet, RewardSpec, WeightedReward, build_reward,
                             build_rewards)
 
 
@@ -123,9 +124,9 @@ def test_bad_batches_and_sets():
 # ---------------------------------------------------------------- registry and specs
 
 @pytest.fixture
-def fake_registry(monkeypatch):
-    monkeypatch.setitem(REGISTRY, "fake_mean", f"{__name__}:MeanReward")
-    monkeypatch.setitem(REGISTRY, "fake_plen", f"{__name__}:PromptLengthReward")
+def fake_registry(register_reward):
+    register_reward("fake_mean", f"{__name__}:MeanReward")
+    register_reward("fake_plen", f"{__name__}:PromptLengthReward")
 
 
 def test_build_rewards_from_dicts(fake_registry):
@@ -174,9 +175,9 @@ def test_bad_kwargs_name_the_reward(fake_registry):
         build_reward({"name": "fake_mean", "kwargs": {"colour": 1}})
 
 
-def test_missing_module_is_a_clear_import_error(monkeypatch):
-    monkeypatch.setitem(REGISTRY, "ghost", "engine.no_such_module:Thing")
-    with pytest.raises(ImportError, match="reward 'ghost' needs module 'engine.no_such_module'"):
+def test_missing_module_is_a_clear_config_error(register_reward):
+    register_reward("ghost", "engine.no_such_module:Thing")
+    with pytest.raises(ConfigError, match="module 'engine.no_such_module' cannot be imported"):
         build_reward(RewardSpec("ghost"))
 
 

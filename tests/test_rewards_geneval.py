@@ -10,7 +10,8 @@ import torch
 
 from engine.data import load_prompts
 from engine.rewards import Detection, build_reward, build_rewards
-from engine.rewards.geneval import COLORS, GenEvalReward, box_iou, relative_position, score_detections
+from engine.rewards.geneval import GenEvalReward
+from engine.rewards.geneval_rules import COLORS, box_iou, relative_position, score_detections
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENEVAL_FILE = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "geneval", "test_metadata.jsonl"))
@@ -319,11 +320,12 @@ def test_testbed_geneval_exact_on_rendered_scenes():
 
 
 def test_testbed_classifier_is_registered_lazily():
-    from engine.rewards.registry import REGISTRY, resolve
+    from engine.errors import ConfigError
+    from engine.rewards.registry import REWARDS, resolve
 
-    assert REGISTRY["testbed_classifier"] == "engine.testbed.classifier:ClassifierReward"
+    assert REWARDS._paths["testbed_classifier"] == "engine.testbed.classifier:ClassifierReward"  # not imported yet
     if importlib.util.find_spec("engine.testbed.classifier") is None:
-        with pytest.raises(ImportError, match="reward 'testbed_classifier' needs module 'engine.testbed.classifier'"):
+        with pytest.raises(ConfigError, match="module 'engine.testbed.classifier' cannot be imported"):
             resolve("testbed_classifier")
     else:
         cls = resolve("testbed_classifier")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.rewards import REGISTRY, RemoteReward, RemoteRewardError, RemoteRewardUnavailable, build_rewards
+from engine.rewards import RemoteReward, RemoteRewardError, RemoteRewardUnavailable, build_rewards
 from engine.rewards.remote import decode_image, encode_images
 from engine.rewards.server import RewardServer
 
@@ -124,9 +124,9 @@ def test_codec_round_trip_is_exact_on_8bit_images():
     assert torch.equal(decoded, images)
 
 
-def test_round_trip_matches_local_scoring(served, monkeypatch):
+def test_round_trip_matches_local_scoring(served, register_reward):
     server, reward = served
-    monkeypatch.setitem(REGISTRY, "mean", f"{__name__}:MeanReward")
+    register_reward("mean", f"{__name__}:MeanReward")
     client = RemoteReward(server.url, 10, 0, name="mean")  # (url, timeout, retries)
     assert client.health()["reward"] == "mean"
     images = quantised_batch()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine.data import load_prompts
-from engine.rewards import REGISTRY, RewardSet, WeightedReward
+from engine.rewards import RewardSet, WeightedReward
 from engine.rewards.unseen import UnseenMetrics, evaluate_unseen
 
 DRAWBENCH = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "drawbench",
@@ -59,8 +59,8 @@ def test_means_over_the_whole_held_out_set(drawbench):
     assert metrics["unseen/invalid_fraction"] == pytest.approx(n_eleph / len(drawbench))  # ... and counted
 
 
-def test_refuses_trained_rewards_and_builds_from_specs(drawbench, monkeypatch):
-    monkeypatch.setitem(REGISTRY, "brightness", f"{__name__}:Brightness")
+def test_refuses_trained_rewards_and_builds_from_specs(drawbench, register_reward):
+    register_reward("brightness", f"{__name__}:Brightness")
     with pytest.raises(ValueError, match=r"\['brightness'\] are also trained on"):
         UnseenMetrics([{"name": "brightness"}], drawbench, trained=["brightness"])
     metrics = evaluate_unseen([{"name": "brightness"}], drawbench, generate, trained=["ocr"], prefix="eval/")

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from engine.pretrain import PretrainConfig, make_batch
+from engine.data import load_prompts
+from engine.testbed.pretrain import PretrainConfig, make_batch
 from engine.testbed import world
 from models.testbed import TestbedModel
 
@@ -40,10 +41,10 @@ def test_base_checkpoint_loads_small_and_frozen_text(base):
 
 
 def test_base_geneval_scores_are_in_their_stated_band(base):
-    from engine.pretrain import generate
-    from engine.rewards.geneval import build_testbed_geneval_reward
+    from engine.testbed.detector import build_testbed_geneval_reward
+    from engine.testbed.pretrain import generate
 
-    test = world.read_jsonl(os.path.join(REPO, "data", "testbed", "test.jsonl"))
+    test = load_prompts(os.path.join(REPO, "data", "testbed", "test.jsonl")).metadata
     metas = [m for m in test for _ in range(2)]
     images = generate(base, [m["prompt"] for m in metas], seed=0)
     scores = build_testbed_geneval_reward().score(images, [m["prompt"] for m in metas], metas)
@@ -56,11 +57,11 @@ def test_base_geneval_scores_are_in_their_stated_band(base):
 
 def test_pretraining_batches_are_a_pure_function_of_seed_and_step():
     cfg = PretrainConfig(batch_size=8)
-    prompts = world.FamilyBalancedPrompts(world.read_jsonl(os.path.join(REPO, cfg.train_prompts)))
+    prompts = world.FamilyBalancedPrompts(load_prompts(os.path.join(REPO, cfg.train_prompts)).metadata)
     a, b, c = make_batch(prompts, 5, cfg), make_batch(prompts, 5, cfg), make_batch(prompts, 6, cfg)
     assert all(torch.equal(x, y) for x, y in zip(a[::2], b[::2])) and a[1] == b[1]
     assert not torch.equal(a[0], c[0])
-    test_prompts = {m["prompt"] for m in world.read_jsonl(os.path.join(REPO, cfg.eval_prompts))}
+    test_prompts = {m["prompt"] for m in load_prompts(os.path.join(REPO, cfg.eval_prompts)).metadata}
     shared = {m["prompt"] for m in world.build_splits()[0] if m["tag"] == "single_object"}
     assert not (set(a[1]) - {""}) & (test_prompts - shared)  # pretraining never sees a held-out prompt
 
@@ -68,7 +69,7 @@ def test_pretraining_batches_are_a_pure_function_of_seed_and_step():
 def test_pretraining_resumes_bit_for_bit(tmp_path):
     from safetensors.torch import load_file
 
-    from engine.pretrain import pretrain
+    from engine.testbed.pretrain import pretrain
 
     tiny = dict(patch_size=8, num_layers=1, num_attention_heads=2, attention_head_dim=8, text_width=16,
                 text_layers=1, text_heads=2, text_intermediate=32, max_length=12)

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from engine.data import load_prompts
 from engine.testbed import world
 from engine.testbed.detector import RuleDetector
 from engine.testbed.world import (COLORS, FAMILIES, SHAPES, SceneObject, build_splits, render_metadata,
                                   render_objects, scene_for)
 
-from engine.rewards.geneval import score_detections  # the GenEval rules live once, in the rewards package
+from engine.rewards.geneval_rules import score_detections  # the GenEval rules live once, in their own module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +27,7 @@ _wrong = world.perturb_metadata
 def test_committed_prompt_files_match_the_generator():
     train, test = build_splits()
     for name, split in (("train", train), ("test", test)):
-        assert world.read_jsonl(os.path.join(REPO, "data", "testbed", f"{name}.jsonl")) == \
+        assert load_prompts(os.path.join(REPO, "data", "testbed", f"{name}.jsonl")).metadata == \
             json.loads(json.dumps(split))
     assert 100 <= len(train) <= 400 and 60 <= len(test) <= 200
     for split in (train, test):
@@ -127,7 +128,7 @@ def test_detector_tolerates_sampling_noise():
 
 
 def test_testbed_geneval_reward_scores_rendered_scenes():
-    from engine.rewards.geneval import build_testbed_geneval_reward
+    from engine.testbed.detector import build_testbed_geneval_reward
 
     reward = build_testbed_geneval_reward()
     train, test = build_splits()

@@ -6,12 +6,13 @@ pair of double quotes of the prompt (as Flow-GRPO's OCR reward reads it).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Sequence
 
 from .geneval import validate_geneval_metadata
+from .jsonl import read_jsonl
 
 KINDS = ("plain", "ocr", "geneval")
 
@@ -117,22 +118,12 @@ def _read_txt(path: str, limit: int | None) -> tuple[list[str], list[dict], list
 
 def _read_jsonl(path: str, limit: int | None) -> tuple[list[str], list[dict], list[int]]:
     prompts, metadata, lines = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if limit is not None and len(prompts) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
-            prompt = record.get("prompt")
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"{path}:{n}: expected a non-empty string 'prompt'")
-            prompts.append(prompt.strip())
-            metadata.append(record)
-            lines.append(n)
+    # islice pulls no record past the limit, so lines after it are never parsed (one record = one prompt)
+    for n, record in islice(read_jsonl(path), None if limit is None else max(limit, 0)):
+        prompt = record.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{path}:{n}: expected a non-empty string 'prompt'")
+        prompts.append(prompt.strip())
+        metadata.append(record)
+        lines.append(n)
     return prompts, metadata, lines

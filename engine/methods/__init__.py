@@ -27,7 +27,7 @@ snapshot_update -> log/eval/checkpoint``. What varies between methods stays insi
 
 ``ctx`` (:class:`engine.context.Context`) gives: ``cfg``, ``model`` (the FlowModel proxy whose ``velocity`` routes
 through the DeepSpeed engine), ``engine`` (``backward``/``step``), ``dist`` (rank, gathers of detached per-sample
-scalars), ``layout`` (:class:`~engine.config.BatchLayout`: which global samples this rank holds, micro-batches,
+scalars), ``layout`` (:class:`~engine.batch.BatchLayout`: which global samples this rank holds, micro-batches,
 accumulation), ``prompts``, ``rewards``, ``snapshots``, ``sigmas()``, ``global_step``, ``epoch``. ``Rollout`` and the
 deterministic per-sample draws (``sample_noise``, ``sample_subsets``, keyed by global sample index so any world size
 draws the same numbers) are in :mod:`engine.rollout`; ``engine.methods.common`` has the grouped advantages with the
@@ -41,7 +41,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 
 #: name -> Method subclass
 registry: dict[str, type["Method"]] = {}

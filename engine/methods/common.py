@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from engine.config import eligible_timesteps
+from engine.batch import eligible_timesteps
 from engine.nvtx_ranges import nvtx_range
 from engine.rollout import STREAM_TIMESTEPS, STREAM_TRAIN_NOISE, sample_noise, sample_subsets
 from models.base import Cond

@@ -28,12 +28,13 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from engine.runlog import StepStats
 from engine.methods import Method, register
 from engine.methods.common import (backward_step, draw_points, grouped_advantages, micro_batches,
                                    optimizer_step_metrics, set_boundary, snapshot_velocities, step_slices)
 from engine.nvtx_ranges import nvtx_range
+from engine.options import opt
 from engine.rollout import ode_rollout
 from engine.snapshots import Schedule
 
@@ -44,19 +45,27 @@ RHO_MODES = ("reward", "advantage", "batch_reward")
 class CRDConfig:
     """CRD options (YAML section ``crd``)."""
 
-    beta: float = 1.0                  # KL-regularisation temperature of the target
-    adv_clip: float = 5.0              # A_max
-    global_std: bool = True            # advantage std over the whole epoch (else per group)
-    cfg_scale: float = 4.5             # w_kl of the CFG anchor
-    kl_beta: float = 0.1               # beta_kl: KL coefficient at rho = 1
-    kl_min: float = 1e-4               # beta_min: KL coefficient at rho = 0
-    adaptive_kl: bool = True           # c_i = kl_min + (kl_beta - kl_min) rho_i; false: c_i = kl_beta
-    rho: str = "reward"                # reward | advantage | batch_reward
-    reward_range: tuple = (0.0, 1.0)   # raw reward range mapped to [0, 1] for rho = reward / batch_reward
-    centering: str = "group"           # group (exact per prompt) | batch (micro-batch mean)
-    old_schedule: str = "0-0.25-0.005-0.999"       # theta_old EMA
-    sampler_schedule: str = "75-0.0-0.0075-0.999"  # theta_samp EMA
-    ema_schedule: str = ""             # optional eval EMA ('' = off)
+    beta: float = opt(1.0, "KL-regularisation temperature of the target, on the NORMALISED reward r = 0.5 + "
+                           "clip(A)/(2 adv_clip) (methods.md section 2: in raw reward units the fixed point's "
+                           "temperature is 2 adv_clip beta std(R))")
+    adv_clip: float = opt(5.0, "A_max: advantages A = (R - mean_group R) / std(R) are clipped to [-A_max, A_max]")
+    global_std: bool = opt(True, "std(R) of the advantages over the whole epoch (false: per group)")
+    cfg_scale: float = opt(4.5, "w_kl: CFG scale of the pretrained anchor the KL term pulls towards")
+    kl_beta: float = opt(0.1, "beta_kl: KL coefficient at rho = 1")
+    kl_min: float = opt(1e-4, "beta_min: KL coefficient at rho = 0 (still weights the anchor when kl_beta = 0)")
+    adaptive_kl: bool = opt(True, "reward-adaptive KL c_i = kl_min + (kl_beta - kl_min) rho_i (false: c_i = kl_beta)")
+    rho: str = opt("reward", "rho_i of the adaptive KL: reward (the sample's mapped reward) | advantage | "
+                             "batch_reward (the micro-batch mean)")
+    reward_range: tuple = opt((0.0, 1.0), "raw reward range [low, high] mapped to [0, 1] for rho = reward / "
+                                          "batch_reward")
+    centering: str = opt("group", "advantage centering: group (exact, per prompt; needs whole groups per global "
+                                  "micro-batch) | batch (micro-batch mean)")
+    old_schedule: str = opt("0-0.25-0.005-0.999", "theta_old EMA schedule 'start-lam0-slope-lam_max': "
+                                                  "lam(s) = lam0 before step start, then "
+                                                  "min(lam0 + slope (s - start), lam_max)")
+    sampler_schedule: str = opt("75-0.0-0.0075-0.999", "theta_samp EMA schedule (same format): the decoupled "
+                                                       "rollout sampler")
+    ema_schedule: str = opt("", "optional evaluation EMA schedule (same format; '' = off)")
 
     def validate(self, cfg) -> None:
         if self.rho not in RHO_MODES:

@@ -30,11 +30,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from engine.runlog import StepStats
 from engine.methods import Method, register
 from engine.methods.fdfo import TorchStepper
 from engine.nvtx_ranges import nvtx_range
+from engine.options import opt
 from models.base import Cond, as_sigma_batch
 
 REWARD_MODES = ("diffused", "terminal")
@@ -46,10 +47,6 @@ STREAM_DIDR_SIGMA, STREAM_DIDR_EPS = 4, 5
 STREAM_DIDR_INIT, INIT_EPOCH = 6, 0xD1D0
 
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class DIDRConfig:
     """DIDR options (YAML section ``didr``); every option has a working default.
@@ -59,33 +56,33 @@ class DIDRConfig:
     same samples; ``data.prompts_per_epoch x data.group_size`` noise draws per epoch.
     """
 
-    reward_mode: str = _opt("diffused", "diffused (DIDR: the Diffused Reward Proxy) | terminal (DI++ ablation: "
+    reward_mode: str = opt("diffused", "diffused (DIDR: the Diffused Reward Proxy) | terminal (DI++ ablation: "
                                         "-alpha r(g(z)) + IKL)")
-    beta: float = _opt(1.0, "reward temperature: target p* ~ p_ref exp(r / beta)")
-    alpha: float = _opt(1.0, "terminal mode: weight of the terminal reward")
-    cfg_scale: float = _opt(4.5, "CFG scale omega of the reference (teacher) score (1 = a single pass)")
-    drp_steps: int = _opt(1, "K: Euler steps of the reference denoising Phi_K inside the DRP (1 = Tweedie jump)")
-    drp_cfg: bool = _opt(True, "use the reference's CFG inside Phi_K too (else its conditional velocity)")
-    ta_steps: int = _opt(1, "fake-score (TA) updates per generator update")
-    sigma_min: float = _opt(0.02, "diffusion times ~ U[sigma_min, sigma_max]; > 0 keeps 1/sigma finite")
-    sigma_max: float = _opt(0.98, "upper end of the diffusion times")
-    weighting: str = _opt("dmd", "per-sample weight: dmd = 1 / sg(mean_pix|x0 - x0_hat_ref|) | dmd_x0 = the dmd "
+    beta: float = opt(1.0, "reward temperature: target p* ~ p_ref exp(r / beta)")
+    alpha: float = opt(1.0, "terminal mode: weight of the terminal reward")
+    cfg_scale: float = opt(4.5, "CFG scale omega of the reference (teacher) score (1 = a single pass)")
+    drp_steps: int = opt(1, "K: Euler steps of the reference denoising Phi_K inside the DRP (1 = Tweedie jump)")
+    drp_cfg: bool = opt(True, "use the reference's CFG inside Phi_K too (else its conditional velocity)")
+    ta_steps: int = opt(1, "fake-score (TA) updates per generator update")
+    sigma_min: float = opt(0.02, "diffusion times ~ U[sigma_min, sigma_max]; > 0 keeps 1/sigma finite")
+    sigma_max: float = opt(0.98, "upper end of the diffusion times")
+    weighting: str = opt("dmd", "per-sample weight: dmd = 1 / sg(mean_pix|x0 - x0_hat_ref|) | dmd_x0 = the dmd "
                                  "weight times sigma^2 / (1 - sigma), which turns the score difference into DMD's "
                                  "x0-space difference (x0_hat_psi - x0_hat_ref) / mean_pix|x0 - x0_hat_ref| (the plain "
                                  "score difference grows like 1/sigma^2 and lets the lowest sigmas dominate) | none")
-    weight_floor: float = _opt(1e-4, "floor of the dmd weight's denominator")
-    ta_lr: float = _opt(0.0, "TA (fake score) AdamW lr; 0 = train.lr")
-    one_step: str = _opt("auto", "auto: the model must be a one-step generator (models/onestep.py UNetOneStep) | "
+    weight_floor: float = opt(1e-4, "floor of the dmd weight's denominator")
+    ta_lr: float = opt(0.0, "TA (fake score) AdamW lr; 0 = train.lr")
+    one_step: str = opt("auto", "auto: the model must be a one-step generator (models/onestep.py UNetOneStep) | "
                                  "flow: a one-step flow generator x0 = z - v(z, 1) over any flow model")
-    init_regression_steps: int = _opt(0, "generator initialisation (DMD-style regression warm start): AdamW steps "
+    init_regression_steps: int = opt(0, "generator initialisation (DMD-style regression warm start): AdamW steps "
                                          "of mean_pix (g(z, c) - x_ref(z, c))^2 on (noise, reference ODE sample) "
                                          "pairs before the first DIDR iteration (0 = off: g starts as the raw "
                                          "one-step teacher, whose x0 = z - v(z, 1) is the teacher's mean image)")
-    init_pairs: int = _opt(512, "(noise, reference sample) pairs of the warm start, on the training prompts")
-    init_ode_steps: int = _opt(10, "Euler steps of the reference ODE (with CFG cfg_scale) that makes the pairs")
-    init_batch_size: int = _opt(16, "pairs per warm-start step (all ranks together)")
-    init_lr: float = _opt(0.0, "warm-start AdamW lr (its own optimizer, discarded after); 0 = train.lr")
-    init_ta_steps: int = _opt(0, "fake-score warm-up: TA updates (its own optimizer and ta_lr) on the initialised "
+    init_pairs: int = opt(512, "(noise, reference sample) pairs of the warm start, on the training prompts")
+    init_ode_steps: int = opt(10, "Euler steps of the reference ODE (with CFG cfg_scale) that makes the pairs")
+    init_batch_size: int = opt(16, "pairs per warm-start step (all ranks together)")
+    init_lr: float = opt(0.0, "warm-start AdamW lr (its own optimizer, discarded after); 0 = train.lr")
+    init_ta_steps: int = opt(0, "fake-score warm-up: TA updates (its own optimizer and ta_lr) on the initialised "
                                  "generator's samples of the pair noises, after the regression warm start and "
                                  "before the first generator update (0 = off: the fake score starts as the "
                                  "teacher and tracks the generator only through ta_steps per iteration)")

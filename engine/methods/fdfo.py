@@ -31,10 +31,11 @@ from typing import Any, Sequence
 import torch
 
 import kernels
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from engine.runlog import StepStats
 from engine.methods import Method, register
 from engine.nvtx_ranges import nvtx_range
+from engine.options import opt
 from models.base import Cond
 from models.samplers import sample_fdfo_pairs
 
@@ -51,20 +52,16 @@ class FDFOConfig:
     gradient_steps_per_epoch 4); ``data.group_size`` must be 2 (one pair per prompt).
     """
 
-    num_steps: int = field(default=40, metadata={"help": "N: churned-Euler pair-sampler steps (10 = fast preset)"})
-    gamma: float = field(default=0.0025, metadata={"help": "churn g at every level (0 on the last step)"})
-    gamma_schedule: list = field(default_factory=list, metadata={
-        "help": "per-step churn table (num_steps values) overriding gamma; [] = constant gamma"})
-    prior_gamma: float = field(default=-1.0, metadata={
-        "help": "prior churn g0 on the shared initial noise; < 0 = the first step's churn"})
-    cfg_scale: float = field(default=1.0, metadata={"help": "CFG scale of sampling AND training (1 = no CFG)"})
-    storage_dtype: str = field(default="fp32", metadata={
-        "help": "stored states/velocities: fp32 | bf16 (ratio exactly 1 needs the model's own dtype)"})
-    clip: float = field(default=0.03, metadata={"help": "eps_clip of the SPO surrogate"})
-    kl_lambda: float = field(default=0.0, metadata={"help": "lam of lam * mean_pix (v - v_pre)^2 (0 = off)"})
-    micro_batch_items: int = field(default=16, metadata={"help": "items (branch, step) per rank per micro-step"})
-    kernel_backend: str = field(default="auto", metadata={
-        "help": "kernels.fdfo_pairs/fdfo_loss backend: auto (Triton on CUDA / interpreter) | triton | torch"})
+    num_steps: int = opt(40, "N: churned-Euler pair-sampler steps (10 = fast preset)")
+    gamma: float = opt(0.0025, "churn g at every level (0 on the last step)")
+    gamma_schedule: list = opt([], "per-step churn table (num_steps values) overriding gamma; [] = constant gamma")
+    prior_gamma: float = opt(-1.0, "prior churn g0 on the shared initial noise; < 0 = the first step's churn")
+    cfg_scale: float = opt(1.0, "CFG scale of sampling AND training (1 = no CFG)")
+    storage_dtype: str = opt("fp32", "stored states/velocities: fp32 | bf16 (ratio exactly 1 needs the model's own "
+                                     "dtype)")
+    clip: float = opt(0.03, "eps_clip of the SPO surrogate")
+    kl_lambda: float = opt(0.0, "lam of lam * mean_pix (v - v_pre)^2 (0 = off)")
+    micro_batch_items: int = opt(16, "items (branch, step) per rank per micro-step")
 
     def validate(self, run_config: Any = None) -> None:
         """Value checks (ConfigError naming the key); with the run config, the batch layout FDFO needs."""
@@ -83,8 +80,6 @@ class FDFOConfig:
         need(self.kl_lambda >= 0, "fdfo.kl_lambda", ">= 0", self.kl_lambda)
         need(self.cfg_scale > 0, "fdfo.cfg_scale", "> 0", self.cfg_scale)
         need(self.micro_batch_items >= 1, "fdfo.micro_batch_items", ">= 1", self.micro_batch_items)
-        need(self.kernel_backend in ("auto", "triton", "torch"), "fdfo.kernel_backend", "auto, triton or torch",
-             self.kernel_backend)
         if run_config is not None:
             need(run_config.data.group_size == 2, "data.group_size", "2 for FDFO (one pair of trajectories per "
                  "prompt)", run_config.data.group_size)
@@ -262,8 +257,8 @@ def spo_per_item(ratio: torch.Tensor, dR: torch.Tensor, clip: float) -> torch.Te
 
 
 def fdfo_update(model: Any, data: PairData, dR: torch.Tensor, dxh: torch.Tensor, stepper: Any, cfg: FDFOConfig, *,
-                rank_rows: Sequence[torch.Tensor], rank: int, gradient_steps: int, seed: int, epoch: int
-                ) -> list[tuple[StepStats, Any]]:
+                rank_rows: Sequence[torch.Tensor], rank: int, gradient_steps: int, seed: int, epoch: int,
+                kernel_backend: str = "auto") -> list[tuple[StepStats, Any]]:
     """``gradient_steps`` optimizer steps over the epoch's shuffled items; per step (stats, what ``stepper.step()``
     returned right after that step: the grad norm, or the engine's step metrics).
 
@@ -305,7 +300,7 @@ def fdfo_update(model: Any, data: PairData, dR: torch.Tensor, dxh: torch.Tensor,
                 v = velocity_for(model, x, sig, c, cfg.cfg_scale, "policy")
             with nvtx_range("train/loss"):
                 loss_mean, st = kernels.fdfo_loss(v, v_ref, dxh_ext, dR_ext, clip=cfg.clip, item_index=branch,
-                                                  backend=cfg.kernel_backend)
+                                                  backend=kernel_backend)
                 loss = loss_mean * (micro.shape[1] * scale)
             if cfg.kl_lambda > 0:
                 with nvtx_range("train/anchor_forward"), torch.no_grad():
@@ -332,10 +327,10 @@ class FDFO:
     """FDFO without the engine: a model, a stepper, tensors (used by tests and by :class:`FDFOMethod`)."""
 
     def __init__(self, cfg: FDFOConfig, *, gradient_steps_per_epoch: int = 4, seed: int = 0,
-                 rank: int = 0, rank_rows: Sequence[torch.Tensor] | None = None):
+                 rank: int = 0, rank_rows: Sequence[torch.Tensor] | None = None, kernel_backend: str = "auto"):
         cfg.validate()
         self.cfg, self.gradient_steps, self.seed, self.rank = cfg, gradient_steps_per_epoch, seed, rank
-        self.rank_rows = rank_rows
+        self.rank_rows, self.kernel_backend = rank_rows, kernel_backend
 
     def rollout(self, model: Any, cond: Cond, x_init_shared: torch.Tensor, generator: torch.Generator | None,
                 **kw) -> PairData:
@@ -347,10 +342,11 @@ class FDFO:
         if rewards.shape != (data.num_rows,):
             raise ValueError(f"FDFO: rewards must have shape ({data.num_rows},) (one per branch), got "
                              f"{tuple(rewards.shape)}")
-        dR, dxh = kernels.fdfo_pairs(data.x_final, rewards, backend=self.cfg.kernel_backend)
+        dR, dxh = kernels.fdfo_pairs(data.x_final, rewards, backend=self.kernel_backend)
         rank_rows = self.rank_rows or contiguous_rank_rows(data.num_rows, 1)
         return fdfo_update(model, data, dR, dxh, stepper, self.cfg, rank_rows=rank_rows, rank=self.rank,
-                           gradient_steps=self.gradient_steps, seed=self.seed, epoch=epoch)
+                           gradient_steps=self.gradient_steps, seed=self.seed, epoch=epoch,
+                           kernel_backend=self.kernel_backend)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -439,7 +435,7 @@ class FDFOMethod(Method):
         if n_bad and dist.is_main:
             warnings.warn(f"epoch {ro.epoch}: {int(n_bad)} NaN/failed rewards; {int(n_dropped)} branches (whole "
                           f"pairs) get no update", RuntimeWarning, stacklevel=2)
-        dR, dxh = kernels.fdfo_pairs(ro.x0, safe, backend=self.opt.kernel_backend)
+        dR, dxh = kernels.fdfo_pairs(ro.x0, safe, backend=ctx.cfg.train.kernel_backend)
         mean = s / max(n_ok, 1)
         metrics = {"reward/mean": mean, "reward/std": math.sqrt(max(sq / max(n_ok, 1) - mean * mean, 0.0)),
                    "reward/bad_samples": n_bad, "reward/dropped_samples": n_dropped}
@@ -465,7 +461,7 @@ class FDFOMethod(Method):
         rank_rows = [layout.rank_indices(r) for r in range(layout.world_size)]
         steps = fdfo_update(ctx.model, ro.extras["pairs"], adv.dR, adv.dxh, EngineStepper(ctx), self.opt,
                             rank_rows=rank_rows, rank=ctx.dist.rank, gradient_steps=layout.gradient_steps,
-                            seed=ctx.cfg.seed, epoch=ro.epoch)
+                            seed=ctx.cfg.seed, epoch=ro.epoch, kernel_backend=ctx.cfg.train.kernel_backend)
         results = []
         for stats, step_metrics in steps:
             metrics = stats.reduce(ctx.dist)

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from engine.config import ConfigError
+from engine.errors import ConfigError
 from engine.runlog import StepStats
 from engine.methods import Method, register
 from engine.methods.common import (backward_step, draw_points, grouped_advantages, micro_batches,
                                    optimizer_step_metrics, set_boundary, snapshot_velocities, step_slices)
 from engine.nvtx_ranges import nvtx_range
+from engine.options import opt
 from engine.rollout import ode_rollout
 from engine.snapshots import Schedule
 
@@ -27,11 +28,13 @@ from engine.snapshots import Schedule
 class NFTConfig:
     """NFT options (YAML section ``nft``)."""
 
-    beta: float = 1.0                   # beta_nft (0.1 for OCR)
-    adv_clip: float = 5.0               # A_max
-    global_std: bool = True
-    kl_beta: float = 1e-4               # weight of mean_pix (v - v_pre)^2 (no CFG)
-    old_schedule: str = "0-0.0-0.001-0.5"   # lam(s) = min(0.001 s, 0.5)
+    beta: float = opt(1.0, "beta_nft: scale of the implicit positive/negative policies v_old +- beta (v - v_old) "
+                           "(0.1 for OCR)")
+    adv_clip: float = opt(5.0, "A_max: advantages are clipped to [-A_max, A_max] before r = 0.5 + A / (2 A_max)")
+    global_std: bool = opt(True, "std(R) of the advantages over the whole epoch (false: per group)")
+    kl_beta: float = opt(1e-4, "weight of the KL term mean_pix (v - v_pretrained)^2 (no CFG)")
+    old_schedule: str = opt("0-0.0-0.001-0.5", "theta_old EMA schedule 'start-lam0-slope-lam_max' "
+                                               "(default: lam(s) = min(0.001 s, 0.5))")
 
     def validate(self, cfg) -> None:
         if self.beta <= 0 or self.adv_clip <= 0:

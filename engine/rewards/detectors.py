@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .base import Detection
 from .clip_models import ClipEmbedder
-from .geneval import COCO_TO_GENEVAL, COLORS
+from .geneval_rules import COCO_TO_GENEVAL, COLORS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

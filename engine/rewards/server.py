@@ -217,10 +217,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .registry import REGISTRY, build_reward
+    from .registry import REWARDS, build_reward
 
     parser = argparse.ArgumentParser(description="Serve one reward over HTTP (JSON + base64 PNG).")
-    parser.add_argument("--reward", required=True, help=f"registry name: {', '.join(sorted(REGISTRY))}")
+    parser.add_argument("--reward", required=True, help=f"registry name: {', '.join(REWARDS.names())}")
     parser.add_argument("--kwargs", default="{}", help="JSON object of constructor arguments (default: {})")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8123, help="port (default: 8123; 0 = any free port)")

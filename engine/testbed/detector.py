@@ -7,6 +7,8 @@ are noise and dropped. A component's shape comes from two scale-free features of
 bounding box (square 1.0, circle ~0.8, triangle ~0.6) and the vertical offset of its centroid from the box centre
 in box heights (triangles point up: ~+0.13; circles and squares: 0). The nearest prototype wins; components far
 from every prototype (ragged blobs, bars, inverted triangles) are not objects. On rendered scenes this is exact.
+
+``build_testbed_geneval_reward`` (the ``testbed_geneval`` reward) scores its detections with the GenEval rules.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from scipy import ndimage
 
 from engine.rewards.base import Detection
+from engine.rewards.geneval import GenEvalReward
 from engine.testbed.world import BACKGROUND, COLORS
 
 # (fill ratio, ASYM_WEIGHT * centroid offset) per shape; measured on the renderer's masks for sizes 7..14
@@ -110,3 +113,10 @@ class RuleDetector:
 
     def __call__(self, images: torch.Tensor | np.ndarray) -> list[list[Detection]]:
         return self.detect(images)
+
+
+def build_testbed_geneval_reward(detector_kwargs: dict | None = None, **reward_kwargs) -> GenEvalReward:
+    """The ``testbed_geneval`` registry entry: ``RuleDetector`` under the GenEval rules of the real reward. Its
+    confidences are shape-fit scores, not probabilities, so no confidence threshold by default."""
+    reward_kwargs = {"name": "testbed_geneval", "threshold": 0.0, "counting_threshold": 0.0, **reward_kwargs}
+    return GenEvalReward(RuleDetector(**(detector_kwargs or {})), **reward_kwargs)

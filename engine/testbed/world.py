@@ -5,10 +5,10 @@ two are at distance >= 1 and segmentation by nearest palette colour is exact) on
 anti-aliasing, no overlaps (bounding boxes at least ``GAP`` pixels apart). Everything is deterministic from a seed.
 
 Prompts follow GenEval's six tags and metadata format (``tag``, ``include`` [{class, count, color?, position?}],
-``exclude``, ``prompt``), so the GenEval scoring rules read testbed and real GenEval files alike. The train/test split
-is disjoint in attribute combinations: held-out colour-shape bindings, shape pairs, count-shape pairs and spatial
-arrangements only ever appear in test prompts (``single_object`` names a single attribute, so its three prompts are
-shared by both splits).
+``exclude``, ``prompt``), so the GenEval scoring rules read testbed and real GenEval files alike and
+``engine.data.load_prompts`` reads them back. The train/test split is disjoint in attribute combinations: held-out
+colour-shape bindings, shape pairs, count-shape pairs and spatial arrangements only ever appear in test prompts
+(``single_object`` names a single attribute, so its three prompts are shared by both splits).
 
 CLI: ``python -m engine.testbed.world --out data/testbed`` writes ``train.jsonl`` and ``test.jsonl``.
 """
@@ -25,7 +25,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from engine.rewards.geneval import relative_position
+from engine.data.geneval import GENEVAL_TAGS, RELATIONS
+from engine.rewards.geneval_rules import relative_position
 
 IMAGE_SIZE = 32
 SHAPES = ("circle", "square", "triangle")
@@ -41,8 +42,7 @@ COLORS = {
 }
 BACKGROUND = (1.0, 1.0, 1.0)
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
-RELATIONS = ("left of", "right of", "above", "below")
-FAMILIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+FAMILIES = GENEVAL_TAGS  # the prompt families are GenEval's six tags (and its RELATIONS, imported above)
 COUNTING_RANGE = (2, 3, 4)  # GenEval's counting family uses 2..4 (one object is single_object)
 
 MIN_SIZE = 7  # below 7 px a rasterised circle fills > 0.85 of its box and is hard to tell from a square
@@ -127,7 +127,7 @@ def _max_size(n_objects: int) -> int:
 
 
 def geneval_relations(box_a, box_b, threshold: float = 0.1) -> set[str]:
-    """GenEval's relative position of box a w.r.t. box b: the one shared rule of ``engine.rewards.geneval``."""
+    """GenEval's relative position of box a w.r.t. box b: the one shared rule of ``engine.rewards.geneval_rules``."""
     return relative_position([float(v) for v in box_a], [float(v) for v in box_b], threshold)
 
 
@@ -347,23 +347,6 @@ def write_jsonl(path: str, metadata: Iterable[dict]) -> None:
         for meta in metadata:
             f.write(json.dumps(meta) + "\n")
     os.replace(tmp, path)
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """Read GenEval metadata JSONL (one dict per non-empty line); clear error naming the file and line."""
-    out = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                meta = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(meta, dict) or "prompt" not in meta or "include" not in meta:
-                raise ValueError(f"{path}:{lineno}: expected a GenEval metadata object with 'prompt' and 'include'")
-            out.append(meta)
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:

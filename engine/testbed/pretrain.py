@@ -12,23 +12,17 @@ written atomically. Every ``--eval-every`` steps the EMA model samples the held-
 ODE, no CFG, and the rule detector scores them with GenEval's strict rules (per-family accuracy printed, snapshot kept
 under ``<state-dir>/evals/step_N``).
 
-    python -m engine.pretrain --out checkpoints/testbed/base      # the committed base: 8000 steps x 64, ~60 min
+    python -m engine.testbed.pretrain --out checkpoints/testbed/base    # the committed base: 8000 steps x 64, ~60 min
 """
 from __future__ import annotations
-
-import os
-import sys
-
-if __name__ == "__main__" and __package__ in (None, ""):  # `python engine/X.py`: engine/runlog.py would shadow
-    _HERE = os.path.dirname(os.path.abspath(__file__))   # the standard library's logging; the repo root is needed
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-    sys.path.insert(0, os.path.dirname(_HERE))
 
 import argparse
 import copy
 import json
 import math
+import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
@@ -36,9 +30,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from engine.data import load_prompts
+from engine.rewards.geneval_rules import score_detections
 from engine.testbed import world
-from engine.testbed.world import FamilyBalancedPrompts
 from engine.testbed.detector import RuleDetector
+from engine.testbed.world import FamilyBalancedPrompts
 from models.samplers import sample_ode
 from models.testbed import TestbedConfig, TestbedModel
 
@@ -51,7 +47,7 @@ BASE_MODEL = dict(patch_size=4, num_layers=4, num_attention_heads=4, attention_h
 
 @dataclass
 class PretrainConfig:
-    """Options of ``python -m engine.pretrain`` (every one has a working default)."""
+    """Options of ``python -m engine.testbed.pretrain`` (every one has a working default)."""
 
     out: str = "checkpoints/testbed/base"
     state_dir: str = ""  # default: runs/pretrain/<basename of out>
@@ -109,12 +105,6 @@ def make_batch(prompts: FamilyBalancedPrompts, step: int, cfg: PretrainConfig
 
 
 # ------------------------------------------------------------------------------------------------------ eval
-def _score_strict(dets, meta) -> float:
-    from engine.rewards.geneval import score_detections  # the GenEval rules, implemented once
-
-    return float(score_detections(dets, meta, strict=True))
-
-
 @torch.no_grad()
 def generate(model: TestbedModel, prompts: Sequence[str], *, seed: int, steps: int = 10, adapter: str = "policy",
              batch_size: int = 128) -> torch.Tensor:
@@ -138,7 +128,7 @@ def strict_accuracy(model: TestbedModel, metadata: Sequence[dict], *, seed: int 
     metas = [m for m in metadata for _ in range(samples_per_prompt)]
     images = generate(model, [m["prompt"] for m in metas], seed=seed, steps=steps)
     dets = (detector or RuleDetector()).detect(images)
-    scores = np.asarray([_score_strict(d, m) for d, m in zip(dets, metas)])
+    scores = np.asarray([score_detections(d, m, strict=True) for d, m in zip(dets, metas)])
     tags = np.asarray([m["tag"] for m in metas])
     out = {fam: float(scores[tags == fam].mean()) for fam in world.FAMILIES if (tags == fam).any()}
     out["overall"] = float(np.mean([out[f] for f in world.FAMILIES if f in out]))
@@ -226,8 +216,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     state_dir = cfg.state_dir or os.path.join("runs", "pretrain", os.path.basename(os.path.normpath(cfg.out)))
-    prompts = FamilyBalancedPrompts(world.read_jsonl(cfg.train_prompts))
-    eval_meta = world.read_jsonl(cfg.eval_prompts)
+    prompts = FamilyBalancedPrompts(load_prompts(cfg.train_prompts, kind="geneval").metadata)
+    eval_meta = load_prompts(cfg.eval_prompts, kind="geneval").metadata
     model = build_model(cfg).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -245,7 +235,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     model_params = [p for p in model.parameters()]
     history_file = os.path.join(state_dir, "history.jsonl")
     os.makedirs(state_dir, exist_ok=True)
-    run_info = {"config": asdict(cfg), "command": " ".join(["python -m engine.pretrain", *sys.argv[1:]])}
+    run_info = {"config": asdict(cfg), "command": " ".join(["python -m engine.testbed.pretrain", *sys.argv[1:]])}
     t0, last = time.time(), {}
     loss_acc, n_acc = 0.0, 0
     end = min(cfg.steps, cfg.stop_after) if cfg.stop_after > 0 else cfg.steps
@@ -294,7 +284,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 def parse_args(argv: Sequence[str] | None = None) -> PretrainConfig:
     """CLI -> PretrainConfig (``--model key=value`` overrides the architecture, e.g. ``--model num_layers=6``)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m engine.testbed.pretrain",
+                                     description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = PretrainConfig()
     for f in fields(PretrainConfig):

@@ -2,9 +2,9 @@
 
 Usage::
 
-    python -m engine.eval --checkpoint PATH [--prompts data/testbed/test.jsonl] [--method-config X.yaml]
-                          [--samples-per-prompt 2] [--samples-per-family 64] [--cfg-scale 1.0]
-                          [--out DIR] [--metrics runs/testbed_crd/metrics.jsonl]
+    python -m engine.testbed.eval --checkpoint PATH [--prompts data/testbed/test.jsonl] [--method-config X.yaml]
+                                  [--samples-per-prompt 2] [--samples-per-family 64] [--cfg-scale 1.0]
+                                  [--out DIR] [--metrics runs/testbed_crd/metrics.jsonl]
 
 ``PATH`` is either a base model directory (``checkpoints/testbed/base``: evaluated with the rollout ODE, no LoRA;
 ``--cfg-scale W`` samples it with classifier-free guidance W, e.g. the guided model CRD anchors its KL to, or the
@@ -17,30 +17,28 @@ fractions), writes a sample grid PNG and, when the run has a ``metrics.jsonl``, 
 Comparisons are paired: sample ``j`` of prompt ``i`` starts from the same noise for every model (seeded by
 ``(seed, i, j)``), so differences between models are not noise draws.
 
-``deepspeed engine/train.py`` calls :func:`before_after` at the end of a testbed run: the pretrained weights and
+``deepspeed engine/train.py`` calls :func:`before_after` at the end of a testbed run (the testbed recipes set
+``eval.after_training: engine.testbed.eval:before_after``): the pretrained weights and
 the trained ones on the same held-out prompts and noise, one table.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
+import tempfile
+import time
+from typing import Sequence
 
-if __name__ == "__main__" and __package__ in (None, ""):  # `python engine/eval.py`: engine/runlog.py would shadow
-    _HERE = os.path.dirname(os.path.abspath(__file__))   # the standard library's logging
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-    sys.path.insert(0, os.path.dirname(_HERE))
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from typing import Sequence  # noqa: E402
-
-import torch  # noqa: E402
+from engine.testbed.plots import reward_curve, save_grid
 
 #: noise stream of evaluation samples (distinct from the training streams 0..2 of engine.rollout)
 EVAL_EPOCH = 0xEEEE
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: the repository root (this file is engine/testbed/eval.py)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: evaluation samples per prompt family at least (see :func:`samples_per_prompt_index`): the std of the overall
 #: (family-mean) strict accuracy is then about 0.025 at the testbed base's accuracies
 DEFAULT_SAMPLES_PER_FAMILY = 64
@@ -191,88 +189,6 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def save_grid(images: torch.Tensor, path: str, nrow: int = 8, scale: int = 2) -> str:
-    """NCHW images in [0, 1] -> one PNG grid (``scale``x nearest upsampling so 32 px samples are visible)."""
-    from PIL import Image
-
-    imgs = images.detach().float().clamp(0, 1).cpu()
-    n, c, h, w = imgs.shape
-    nrow = max(1, min(nrow, n))
-    rows = -(-n // nrow)
-    grid = torch.full((c, rows * (h + 2), nrow * (w + 2)), 0.5)  # grey frames: the testbed background is white
-    for i in range(n):
-        r, q = divmod(i, nrow)
-        grid[:, r * (h + 2) + 1:r * (h + 2) + 1 + h, q * (w + 2) + 1:q * (w + 2) + 1 + w] = imgs[i]
-    img = Image.fromarray((grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
-    return path
-
-
-def reward_curve(metrics_jsonl: str, path: str, keys: Sequence[str] = ("reward/mean", "eval/reward"),
-                 width: int = 640, height: int = 360) -> str | None:
-    """Plot the per-epoch ``reward/mean`` (and eval points) of a run's ``metrics.jsonl`` as a PNG (PIL only).
-    Returns the path, or None when the file has no such values."""
-    from PIL import Image, ImageDraw
-
-    series: dict[str, list[tuple[float, float]]] = {k: [] for k in keys}
-    epoch_no = 0
-    with open(metrics_jsonl) as f:
-        for line in f:
-            rec = json.loads(line)
-            if rec.get("kind") == "epoch":
-                epoch_no = int(rec.get("epoch", epoch_no)) + 1
-            if rec.get("kind") not in ("epoch", "eval"):
-                continue
-            x = epoch_no if rec.get("kind") == "epoch" or rec.get("step", 0) else 0
-            for k in keys:
-                v = rec.get(k)
-                if isinstance(v, (int, float)) and v == v:
-                    series[k].append((float(x), float(v)))
-    series = {k: v for k, v in series.items() if v}
-    if not series:
-        return None
-    xs = [p[0] for s in series.values() for p in s]
-    ys = [p[1] for s in series.values() for p in s]
-    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-    y0, y1 = min(ys), max(ys)
-    pad = max(1e-3, 0.05 * (y1 - y0))
-    y0, y1 = y0 - pad, y1 + pad
-    L, R, T, B = 60, 20, 30, 40
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-
-    def px(x, y):
-        return (L + (x - x0) / (x1 - x0) * (width - L - R), T + (y1 - y) / (y1 - y0) * (height - T - B))
-
-    d.rectangle([L, T, width - R, height - B], outline="black")
-    for i in range(5):  # y ticks
-        y = y0 + (y1 - y0) * i / 4
-        _, py = px(x0, y)
-        d.line([L - 4, py, L, py], fill="black")
-        d.text((4, py - 6), f"{y:.3f}", fill="black")
-    for i in range(5):  # x ticks
-        x = x0 + (x1 - x0) * i / 4
-        qx, _ = px(x, y0)
-        d.line([qx, height - B, qx, height - B + 4], fill="black")
-        d.text((qx - 8, height - B + 6), f"{x:.0f}", fill="black")
-    d.text((width // 2 - 20, height - 16), "epoch", fill="black")
-    colors = [(31, 119, 180), (214, 39, 40), (44, 160, 44)]
-    for j, (k, pts) in enumerate(series.items()):
-        col = colors[j % len(colors)]
-        pts = sorted(pts)
-        if len(pts) > 1:
-            d.line([px(*p) for p in pts], fill=col, width=2)
-        for p in pts:
-            qx, qy = px(*p)
-            d.ellipse([qx - 3, qy - 3, qx + 3, qy + 3], outline=col)
-        d.text((L + 10 + 160 * j, 8), k, fill=col)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
-    return path
-
-
 def _machine() -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return f"{os.cpu_count()} CPU cores, load {load:.1f}, torch {torch.__version__}"
@@ -288,6 +204,9 @@ def before_after(cfg, checkpoint: str | None = None, *, samples_per_prompt: int 
     from engine.checkpoint import Checkpointer
     from engine.data import load_prompts
 
+    if not cfg.data.test_prompts:
+        print("before/after: no held-out prompts (data.test_prompts is ''); skipped")
+        return {}
     run_dir = cfg.run_dir
     out_dir = out_dir or os.path.join(run_dir, "eval")
     if checkpoint is None:
@@ -323,7 +242,7 @@ def before_after(cfg, checkpoint: str | None = None, *, samples_per_prompt: int 
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.eval", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m engine.testbed.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="base model dir or engine run checkpoint dir")
     p.add_argument("--prompts", default="data/testbed/test.jsonl", help="held-out GenEval-format prompts")
     p.add_argument("--method-config", default=None,

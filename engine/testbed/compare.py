@@ -2,10 +2,10 @@
 
 One command (from the repository root)::
 
-    python -m engine.compare [--methods crd,nft,fdfo,didr] [--reward-calls N] [--samples-per-prompt 2]
-                             [--samples-per-family 64]
-                             [--out docs/results/testbed_comparison.md] [--runs runs/compare] [--jobs 1]
-                             [--reuse-existing] [--base checkpoints/testbed/base] [--base-cfg 4.5]
+    python -m engine.testbed.compare [--methods crd,nft,fdfo,didr] [--reward-calls N] [--samples-per-prompt 2]
+                                     [--samples-per-family 64]
+                                     [--out docs/results/testbed_comparison.md] [--runs runs/compare] [--jobs 1]
+                                     [--reuse-existing] [--base checkpoints/testbed/base] [--base-cfg 4.5]
 
 For each method it trains ``configs/testbed_<method>.yaml`` (``engine/train.py``, one process) for
 ``reward_calls // (prompts_per_epoch * group_size)`` epochs (default budget: the CRD recipe's), so every method
@@ -15,31 +15,28 @@ checkpoint taken at the start; each training's progress is printed from its ``me
 (rollout ODE, no LoRA), the base sampled with classifier-free guidance ``--base-cfg`` (default: the CRD recipe's
 KL-anchor scale, the guided model CRD distills; 0 = no such row) and every trained checkpoint (the method's own
 sampler: DIDR one step) are evaluated on the held-out prompts with the same noise per (prompt, sample)
-(``engine.eval``), and one markdown table (strict accuracy per family + overall, partial-credit reward, unseen
+(``engine.testbed.eval``), and one markdown table (strict accuracy per family + overall, partial-credit reward, unseen
 metrics, training wall time, reward calls) is written with the machine, the load and the date. ``--skip-training``
 evaluates existing runs under ``--runs`` (``<runs>/testbed_<method>``; the table then says so, and their wall time
 comes from the run's files).
 """
 from __future__ import annotations
 
-import os
-import sys
-
-if __name__ == "__main__" and __package__ in (None, ""):  # `python engine/X.py`: engine/runlog.py would shadow
-    _HERE = os.path.dirname(os.path.abspath(__file__))   # the standard library's logging; the repo root is needed
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-    sys.path.insert(0, os.path.dirname(_HERE))
-
 import argparse
 import datetime
 import json
+import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
 from typing import Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from engine.data.jsonl import read_jsonl
+
+#: the repository root (this file is engine/testbed/compare.py)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHODS = ("crd", "nft", "fdfo", "didr")
 
 
@@ -101,12 +98,10 @@ def _epochs_logged(run_dir: str) -> int:
     """Epoch records in ``<run_dir>/metrics.jsonl`` so far (0 before the first; a line being written is skipped)."""
     count = 0
     try:
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            for line in f:
-                try:
-                    count += json.loads(line).get("kind") == "epoch"
-                except ValueError:
-                    continue
+        for _, rec in read_jsonl(os.path.join(run_dir, "metrics.jsonl")):
+            count += rec.get("kind") == "epoch"
+    except ValueError:  # only the last line can be half-written: every record before it is counted
+        pass
     except OSError:
         return 0
     return count
@@ -162,9 +157,9 @@ def _git_rev() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from engine.eval import DEFAULT_SAMPLES_PER_FAMILY
+    from engine.testbed.eval import DEFAULT_SAMPLES_PER_FAMILY
 
-    p = argparse.ArgumentParser(prog="python -m engine.compare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m engine.testbed.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (base is always included)")
     p.add_argument("--reward-calls", type=int, default=0,
                    help="reward calls (scored images) per method (0 = the CRD recipe's: epochs x P x G)")
@@ -198,7 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from engine.checkpoint import Checkpointer
     from engine.data import load_prompts
-    from engine.eval import _machine, evaluate, format_table, load_context, reward_curve
+    from engine.testbed.eval import _machine, evaluate, format_table, load_context
+    from engine.testbed.plots import reward_curve
 
     runs = os.path.abspath(args.runs)
     base = os.path.join(runs, "base")  # frozen copy: every method starts from (and is compared with) the same base
@@ -261,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = "\n".join([
         "# Testbed comparison: base vs post-training methods at equal reward-call budgets",
         "",
-        f"Command: `python -m engine.compare {' '.join(sys.argv[1:] if argv is None else argv)}`",
+        f"Command: `python -m engine.testbed.compare {' '.join(sys.argv[1:] if argv is None else argv)}`",
         "",
         f"- Date (UTC): {started:%Y-%m-%d %H:%M}; commit {_git_rev()}",
         f"- Machine: {platform.machine()}, {_machine()} (load average at the end; the machine is shared, so wall "
