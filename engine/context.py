@@ -19,6 +19,7 @@ from engine.methods import Method, get_method
 from engine.rollout import EngineModel
 from engine.runlog import RunLogger, Timer
 from engine.snapshots import Snapshots
+from engine.stepper import EngineStepper
 
 
 @dataclass
@@ -30,7 +31,8 @@ class Context:
     dist: Any
     layout: BatchLayout
     model: EngineModel
-    engine: Any
+    engine: Any                 # the DeepSpeed engine: the loop's checkpoints; methods train through ``stepper``
+    stepper: EngineStepper
     snapshots: Snapshots | None
     prompts: Any
     test_prompts: Any
@@ -41,7 +43,6 @@ class Context:
     timer: Timer = field(default_factory=Timer)
     epoch: int = 0
     global_step: int = 0
-    last_grad_norm: torch.Tensor | None = None
     _sigmas: torch.Tensor | None = None
 
     def sigmas(self) -> torch.Tensor:
@@ -106,7 +107,8 @@ def build(cfg: Config) -> tuple[Context, int]:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump({**to_dict(cfg), cfg.method: to_dict(cfg.algo), "algo": None}, f, sort_keys=False)
-    ctx = Context(cfg=cfg, method=method, dist=dist, layout=layout, model=model, engine=engine, snapshots=snapshots,
+    ctx = Context(cfg=cfg, method=method, dist=dist, layout=layout, model=model, engine=engine,
+                  stepper=EngineStepper(engine), snapshots=snapshots,
                   prompts=prompts, test_prompts=test_prompts, rewards=rewards, sampler=sampler, logger=logger,
                   checkpointer=ckpt, epoch=start_epoch, global_step=step)
     return ctx, start_epoch

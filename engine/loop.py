@@ -11,6 +11,7 @@ from engine.config import Config, to_dict
 from engine.context import Context, build
 from engine.nvtx_ranges import nvtx_range
 from engine.runlog import peak_memory
+from engine.streams import LOOP_EVAL_EPOCH, Stream
 
 
 def train(cfg: Config) -> dict:
@@ -74,7 +75,7 @@ def run_epoch(ctx: Context, epoch: int) -> tuple[dict, torch.Tensor | None, list
 def evaluate(ctx: Context) -> dict:
     """Mean held-out reward of ``eval.adapter`` (one sample per prompt by ``method.eval_sample``, fixed noise),
     all ranks together."""
-    from engine.rollout import STREAM_INIT_NOISE, sample_noise
+    from engine.rollout import sample_noise
 
     cfg, dist = ctx.cfg, ctx.dist
     if ctx.test_prompts is None:
@@ -85,7 +86,8 @@ def evaluate(ctx: Context) -> dict:
     prompts, meta = ctx.test_prompts.select(idx.tolist())
     cond = ctx.model.encode(prompts).to(dist.device)
     shape = ctx.model.latent_shape(cfg.model.resolution, cfg.model.resolution)
-    noise = sample_noise(idx, shape, seed=cfg.seed, epoch=-1 & 0xFFFF, stream=STREAM_INIT_NOISE, device=dist.device)
+    noise = sample_noise(idx, shape, seed=cfg.seed, epoch=LOOP_EVAL_EPOCH, stream=Stream.INIT_NOISE,
+                         device=dist.device)
     x0 = ctx.method.eval_sample(ctx, noise, cond, cfg.eval.adapter)
     scores = ctx.rewards.score(ctx.model.decode(x0), prompts, meta)
     real = (torch.arange(dist.rank * per_rank, (dist.rank + 1) * per_rank) < n).to(dist.device)

@@ -13,14 +13,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from engine.streams import Stream
 from models.base import Cond, FlowModel
 
-# streams of the per-sample random draws (distinct seeds per purpose)
-STREAM_INIT_NOISE, STREAM_TIMESTEPS, STREAM_TRAIN_NOISE = 0, 1, 2
 
 
 def _seed(seed: int, epoch: int, stream: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, stream, index]).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, epoch, int(stream), index]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def sample_noise(global_idx: torch.Tensor, shape: Sequence[int], *, seed: int, epoch: int, stream: int,
@@ -60,6 +59,12 @@ class EngineModel:
             net = getattr(model, "adapted_attr", "transformer")
             self._encoder_params = [p for n, p in model.named_parameters()
                                     if not (n.startswith(net + ".") or n.startswith("adapters."))]
+
+    @property
+    def flow(self) -> FlowModel:
+        """The FlowModel itself, outside the DeepSpeed engine: for a method that trains with optimizers of its own
+        (DIDR), since the engine's hooks would route its backwards into the engine's single optimizer."""
+        return self._model
 
     def encode(self, prompts, **kwargs):
         if not self._encoder_params:
@@ -136,7 +141,7 @@ def ode_rollout(ctx, batch, adapter: str) -> Rollout:
     ro = rank_samples(ctx, batch)
     cfg = ctx.cfg
     shape = ctx.model.latent_shape(cfg.model.resolution, cfg.model.resolution)
-    noise = sample_noise(ro.global_idx, shape, seed=cfg.seed, epoch=ro.epoch, stream=STREAM_INIT_NOISE,
+    noise = sample_noise(ro.global_idx, shape, seed=cfg.seed, epoch=ro.epoch, stream=Stream.INIT_NOISE,
                          device=ctx.dist.device)
     sigmas = ctx.sigmas()
     bs = cfg.rollout.batch_size

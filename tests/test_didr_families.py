@@ -8,7 +8,7 @@ import torch
 
 from engine.distributed import Dist
 from engine.methods.didr import DIDR, DIDRConfig, adapter_params
-from engine.methods.fdfo import TorchStepper
+from engine.stepper import TorchStepper
 from models.lora import LoraSettings
 
 pytestmark = pytest.mark.slow

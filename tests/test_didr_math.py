@@ -9,7 +9,7 @@ from torch import nn
 from engine.errors import ConfigError
 from engine.distributed import Dist
 from engine.methods.didr import DIDR, DIDRConfig, denoise_k, diffused_reward_proxy, dmd_weight, score_from_velocity
-from engine.methods.fdfo import TorchStepper
+from engine.stepper import TorchStepper
 from models.base import Cond
 
 LOCAL = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
@@ -213,8 +213,7 @@ def test_regression_initialisation_fits_the_reference_sampler():
     first = float(method.regression_loss(z, cond, target)[0])
     for _ in range(200):
         loss, stats = method.regression_loss(z, cond, target)
-        opt.backward(loss)
-        opt.step()
+        opt.backward(loss, last=True)
     assert float(stats["reg_loss"]) < 0.05 * first and model.A_fake.grad is None
 
 
@@ -281,8 +280,7 @@ def test_ta_loss_falls_on_a_fixed_generator():
     for _ in range(150):
         z = torch.randn(64, *SHAPE, generator=g)
         loss, _ = method.ta_loss(z, Cond(torch.zeros(64, 1, 4)), g)
-        ta_opt.backward(loss)
-        ta_opt.step()
+        ta_opt.backward(loss, last=True)
     after = eval_loss()
     assert after - optimum < 0.25 * (before - optimum), (before, after, optimum)
     assert all(p.grad is None for p in gen.parameters())
@@ -308,8 +306,7 @@ def test_train_step_updates_each_network_with_its_own_optimizer():
 def test_nan_gradients_are_zeroed():
     p = nn.Parameter(torch.ones(3))
     opt = TorchStepper([p], lr=0.1, weight_decay=0.0)
-    opt.backward((p * torch.tensor([float("nan"), 1.0, float("inf")])).sum())
-    opt.step()
+    opt.backward((p * torch.tensor([float("nan"), 1.0, float("inf")])).sum(), last=True)
     assert torch.isfinite(p).all()
 
 

@@ -7,7 +7,8 @@ from torch import nn
 
 from engine.errors import ConfigError
 from engine.distributed import Dist
-from engine.methods.fdfo import FDFO, FDFOConfig, TorchStepper, contiguous_rank_rows, item_schedule, paired_rollout
+from engine.methods.fdfo import FDFO, FDFOConfig, contiguous_rank_rows, item_schedule, paired_rollout
+from engine.stepper import TorchStepper
 from models.base import Cond, FlowModel
 from models.lora import Adapters
 from models.samplers import churn_coefficients, linear_sigmas
@@ -137,14 +138,15 @@ def test_update_direction_aligns_with_true_gradient_of_linear_reward(gamma):
     true_grad = torch.cat([g.flatten() for g in true_grad])
 
     class Recorder:
-        def backward(self, loss, last):
+        def backward(self, loss, last):  # the engine.stepper protocol: last=True ends the step
             loss.backward()
+            if last:
+                self.grad = torch.cat([p.grad.flatten().clone() for p in params])
+                for p in params:
+                    p.grad = None
 
-        def step(self):
-            self.grad = torch.cat([p.grad.flatten().clone() for p in params])
-            for p in params:
-                p.grad = None
-            return torch.zeros(())
+        def metrics(self):
+            return {}
 
     rec = Recorder()
     cfg.micro_batch_items = 256
@@ -220,14 +222,16 @@ def test_rank_split_of_one_step_sums_to_the_one_rank_gradient():
         def __init__(self):
             self.grads = []
 
-        def backward(self, loss, last):
+        def backward(self, loss, last):  # the engine.stepper protocol: last=True ends the step
             loss.backward()
+            if last:
+                self.grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                                             for p in params]))
+                for p in params:
+                    p.grad = None
 
-        def step(self):
-            self.grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                                         for p in params]))
-            for p in params:
-                p.grad = None
+        def metrics(self):
+            return {}
 
     def grads(world, rank):
         rows = 12 // world

@@ -67,7 +67,8 @@ def _reward_before_after(method: str, overrides: list[str], tmp_path, repeat: in
     from engine.data import load_prompts
     from engine.testbed.eval import load_context
     from engine.loop import train
-    from engine.rollout import STREAM_INIT_NOISE, sample_noise
+    from engine.rollout import sample_noise
+    from engine.streams import Stream
 
     prompts_path = _prompt_file(tmp_path, repeat)
     run = str(tmp_path / method)
@@ -83,7 +84,7 @@ def _reward_before_after(method: str, overrides: list[str], tmp_path, repeat: in
     idx = torch.arange(len(prompt_set.prompts)).repeat_interleave(k)
     prompts, meta = prompt_set.select(idx.tolist())
     shape = ctx.model.latent_shape(cfg.model.resolution, cfg.model.resolution)
-    noise = sample_noise(torch.arange(len(idx)), shape, seed=123, epoch=7, stream=STREAM_INIT_NOISE)
+    noise = sample_noise(torch.arange(len(idx)), shape, seed=123, epoch=7, stream=Stream.INIT_NOISE)
     with torch.no_grad():
         cond = ctx.model.encode(prompts)
         out = {}
@@ -163,8 +164,10 @@ def test_eval_samples_the_base_with_classifier_free_guidance():
     import dataclasses
 
     from engine.data import load_prompts
-    from engine.testbed.eval import EVAL_EPOCH, generate, load_context, main
-    from engine.rollout import STREAM_INIT_NOISE, sample_noise
+    from engine.streams import TESTBED_EVAL_EPOCH
+    from engine.testbed.eval import generate, load_context, main
+    from engine.rollout import sample_noise
+    from engine.streams import Stream
     from models.samplers import sample_ode
 
     ctx, adapter = load_context(BASE)
@@ -175,8 +178,8 @@ def test_eval_samples_the_base_with_classifier_free_guidance():
     guided, _, gids_guided = generate(ctx, ps, None, samples_per_prompt=2, seed=4, cfg_scale=3.0)
     assert torch.equal(gids, gids_guided) and guided.shape == plain.shape == (6, 3, 32, 32)
     assert (guided - plain).abs().mean() > 1e-3  # guidance changes the samples
-    noise = sample_noise(torch.arange(6), ctx.model.latent_shape(32, 32), seed=4, epoch=EVAL_EPOCH,
-                         stream=STREAM_INIT_NOISE)
+    noise = sample_noise(torch.arange(6), ctx.model.latent_shape(32, 32), seed=4, epoch=TESTBED_EVAL_EPOCH,
+                         stream=Stream.INIT_NOISE)
     prompts, _ = ps.select(gids.tolist())
     with torch.no_grad():
         x0 = sample_ode(ctx.model, noise, ctx.model.encode(prompts), ctx.sigmas(), adapter="pretrained", cfg_scale=3.0)

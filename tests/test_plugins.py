@@ -11,7 +11,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,7 +165,8 @@ def test_after_training_hook_runs_once_after_the_last_epoch(tmp_path, monkeypatc
     recipes name engine.testbed.eval:before_after there); a missing callable is refused before training."""
     recipe = write_plugin(tmp_path)
     (tmp_path / "toyplug" / "hooks.py").write_text(
-        "import os\n\ndef after(cfg):\n    open(os.path.join(cfg.run_dir, 'after.txt'), 'a').write(cfg.method + '\\n')\n")
+        "import os\n\n\ndef after(cfg):\n"
+        "    open(os.path.join(cfg.run_dir, 'after.txt'), 'a').write(cfg.method + '\\n')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     for name in [m for m in sys.modules if m == "toyplug" or m.startswith("toyplug.")]:
         monkeypatch.delitem(sys.modules, name)  # an earlier test imported the package from its own tmp_path

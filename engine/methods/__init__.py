@@ -26,12 +26,14 @@ snapshot_update -> log/eval/checkpoint``. What varies between methods stays insi
   differentiable reward ``ctx.rewards.score_differentiable``.
 
 ``ctx`` (:class:`engine.context.Context`) gives: ``cfg``, ``model`` (the FlowModel proxy whose ``velocity`` routes
-through the DeepSpeed engine), ``engine`` (``backward``/``step``), ``dist`` (rank, gathers of detached per-sample
-scalars), ``layout`` (:class:`~engine.batch.BatchLayout`: which global samples this rank holds, micro-batches,
-accumulation), ``prompts``, ``rewards``, ``snapshots``, ``sigmas()``, ``global_step``, ``epoch``. ``Rollout`` and the
-deterministic per-sample draws (``sample_noise``, ``sample_subsets``, keyed by global sample index so any world size
-draws the same numbers) are in :mod:`engine.rollout`; ``engine.methods.common`` has the grouped advantages with the
-bad-reward policy, stored training timesteps, once-per-epoch snapshot velocities and ``backward_step``.
+through the DeepSpeed engine; ``model.flow`` the FlowModel itself), ``stepper`` (:mod:`engine.stepper`:
+``backward(loss, last=...)`` and ``metrics()``; the only way a method trains the engine's parameters), ``dist``
+(rank, gathers of detached per-sample scalars), ``layout`` (:class:`~engine.batch.BatchLayout`: which global samples
+this rank holds, micro-batches, accumulation), ``prompts``, ``rewards``, ``snapshots``, ``sigmas()``,
+``global_step``, ``epoch``. ``Rollout`` and the deterministic per-sample draws (``sample_noise``,
+``sample_subsets``, keyed by global sample index so any world size draws the same numbers) are in
+:mod:`engine.rollout`; ``engine.methods.common`` has the bad-reward policy, the grouped advantages, stored training
+timesteps, once-per-epoch snapshot velocities and the CRD/NFT micro-step skeleton ``forward_process_update``.
 
 Metrics: ``update`` returns one dict per optimizer step, reduced once per step (``engine.runlog.StepStats``);
 nothing inside a micro-step may read a value to the host.

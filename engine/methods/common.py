@@ -1,5 +1,6 @@
-"""Pieces CRD and NFT share: grouped advantages over all ranks with the bad-reward policy, the K training
-timesteps with stored noise, the snapshot velocities computed once per epoch, and the micro-step schedule.
+"""Pieces the methods share: the bad-reward policy; for CRD and NFT grouped advantages over all ranks, the K
+training timesteps with stored noise, the snapshot velocities computed once per epoch, and the one micro-step
+skeleton (:func:`forward_process_update`).
 """
 from __future__ import annotations
 
@@ -11,12 +12,28 @@ import torch
 import kernels
 from engine.batch import eligible_timesteps
 from engine.nvtx_ranges import nvtx_range
-from engine.rollout import STREAM_TIMESTEPS, STREAM_TRAIN_NOISE, sample_noise, sample_subsets
+from engine.runlog import StepStats
+from engine.rollout import sample_noise, sample_subsets
+from engine.streams import Stream
 from models.base import Cond
 
 
 class RewardFailure(RuntimeError):
     """Too many samples of an epoch had NaN or failing rewards (``train.max_bad_reward_fraction``)."""
+
+
+def check_bad_rewards(ctx, n_bad: int, epoch: int, dropped) -> None:
+    """The one bad-reward policy of every method: when more than ``train.max_bad_reward_fraction`` of the epoch's
+    samples have a NaN/failed reward the run aborts (:class:`RewardFailure`); below it rank 0 warns and the method
+    leaves the affected samples out (``dropped()`` says how: whole groups, whole pairs)."""
+    total, limit = ctx.layout.samples_per_epoch, ctx.cfg.train.max_bad_reward_fraction
+    frac = n_bad / total
+    if frac > limit:
+        raise RewardFailure(f"{n_bad} of {total} rewards in epoch {epoch} are NaN or failed ({frac:.0%} > "
+                            f"train.max_bad_reward_fraction={limit}); last reward errors: "
+                            f"{getattr(ctx.rewards, 'last_errors', {})}")
+    if n_bad and ctx.dist.is_main:
+        warnings.warn(f"epoch {epoch}: {n_bad} NaN/failed rewards; {dropped()}", RuntimeWarning, stacklevel=3)
 
 
 @dataclass
@@ -50,14 +67,8 @@ def grouped_advantages(ctx, ro, scores: dict, *, global_std: bool, adv_clip: flo
     bad_group = torch.zeros(int(G_ids.max()) + 1, dtype=torch.bool, device=dev).index_fill_(0, G_ids[~V], True)
     keep_all = ~bad_group[G_ids]
     n_bad = int((~V).sum())
-    frac = n_bad / layout.samples_per_epoch
-    if frac > ctx.cfg.train.max_bad_reward_fraction:
-        raise RewardFailure(f"{n_bad} of {layout.samples_per_epoch} rewards in epoch {ro.epoch} are NaN or failed "
-                            f"({frac:.0%} > train.max_bad_reward_fraction={ctx.cfg.train.max_bad_reward_fraction}); "
-                            f"last reward errors: {getattr(ctx.rewards, 'last_errors', {})}")
-    if n_bad and dist.is_main:
-        warnings.warn(f"epoch {ro.epoch}: {n_bad} NaN/failed rewards; dropping {int((~keep_all).sum())} samples "
-                      f"(their whole groups) from the update", RuntimeWarning, stacklevel=2)
+    check_bad_rewards(ctx, n_bad, ro.epoch, lambda: f"dropping {int((~keep_all).sum())} samples (their whole "
+                                                    f"groups) from the update")
     r01_all = torch.full_like(R, 0.5)
     rc_all = torch.zeros_like(R)
     metrics = {"reward/bad_samples": float(n_bad), "reward/dropped_samples": float((~keep_all).sum())}
@@ -110,10 +121,10 @@ def draw_points(ctx, ro) -> TrainPoints:
     table = ctx.sigmas()
     pool = eligible_timesteps(cfg.rollout.num_steps, cfg.train.timestep_fraction)
     choice = sample_subsets(ro.global_idx, pool, layout.timesteps, seed=cfg.seed, epoch=ro.epoch,
-                            stream=STREAM_TIMESTEPS).to(table.device)
+                            stream=Stream.TIMESTEPS).to(table.device)
     shape = tuple(ro.x0.shape[1:])
     eps = sample_noise(ro.global_idx, (layout.timesteps, *shape), seed=cfg.seed, epoch=ro.epoch,
-                       stream=STREAM_TRAIN_NOISE, device=ro.x0.device, dtype=ro.x0.dtype)
+                       stream=Stream.TRAIN_NOISE, device=ro.x0.device, dtype=ro.x0.dtype)
     return TrainPoints(sigma=table[choice], eps=eps)
 
 
@@ -163,15 +174,6 @@ def micro_batches(ctx, ro, pts: TrainPoints, sl: slice):
         yield MicroBatch(rows=sl, ks=ks, x_t=noisy(x0s, eps, sigma), sigma=sigma, cond=conds, u=eps - x0s)
 
 
-def set_boundary(ctx, last_of_step: bool) -> None:
-    """Mark whether the next backward ends the optimizer step's gradient accumulation. DeepSpeed counts
-    ``layout.accumulation = a * K`` backwards per step (and scales each loss by ``1 / (a * K)``); a stacked
-    micro-batch does one backward for its K timestep losses (summed, so the scale stays right), so the boundary is
-    set explicitly instead of by DeepSpeed's micro-step counter."""
-    if ctx.cfg.train.stack_timesteps:
-        ctx.engine.set_gradient_accumulation_boundary(last_of_step)
-
-
 @torch.no_grad()
 def snapshot_velocities(ctx, ro, pts: TrainPoints, adapter: str) -> torch.Tensor:
     """``v_adapter(x_sigma, c, sigma)`` for every stored (sample, timestep), with the training micro-batch layout
@@ -186,30 +188,73 @@ def snapshot_velocities(ctx, ro, pts: TrainPoints, adapter: str) -> torch.Tensor
     return out
 
 
-def backward_step(ctx, loss: torch.Tensor) -> None:
-    """One micro-step: DeepSpeed backward (scales by 1/accumulation) and step (acts at the accumulation boundary).
+@dataclass
+class TimestepInputs:
+    """One (micro-batch, timestep) of the policy pass, as a method's per-timestep loss sees it: ``mb`` the
+    micro-batch, ``i``/``k`` the timestep's position in it and its index, ``v`` the policy velocity (with grad),
+    ``v_old`` the stored snapshot velocity, ``anchor`` the anchor pass's outputs (whole micro-batch: slice them with
+    ``part``), ``keep`` the local rows whose groups enter the loss (None: all), ``first`` the epoch's first
+    micro-step (theta = theta_old there)."""
 
-    Without ZeRO, DeepSpeed clips fp32 gradients without keeping their norm: measure it (on device, no sync) just
-    before the boundary step; ZeRO optimizers report theirs through ``get_global_grad_norm``.
+    mb: MicroBatch
+    i: int
+    k: int
+    v: torch.Tensor
+    v_old: torch.Tensor
+    anchor: tuple
+    keep: torch.Tensor | None
+    first: bool
+
+    @property
+    def rows(self) -> slice:
+        return self.mb.rows
+
+    def part(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mb.part(t, self.i)
+
+    def kept(self, *args: torch.Tensor) -> tuple:
+        """``args`` restricted to the kept rows (groups with a failed reward leave the loss)."""
+        return args if self.keep is None else tuple(a[self.keep] for a in args)
+
+
+def forward_process_update(ctx, ro, adv: Advantages, *, anchor, loss) -> list[dict]:
+    """The micro-step skeleton of the forward-process methods (CRD, NFT); per optimizer step its metrics.
+
+    K stored timesteps per sample and their ``v_old`` once per epoch, then per optimizer step, per micro-batch
+    (its K timesteps stacked into one pass, or one pass per timestep): the policy forward; ``anchor(mb, v_all)``
+    under no_grad (a tuple of whole-micro-batch tensors); ``loss(t: TimestepInputs) -> (loss, {name: per-sample
+    values})`` per timestep (the method's kernel and what it logs); ONE backward of the covered timesteps' summed
+    losses through ``ctx.stepper``, each step's gradient the mean over its ``a * K`` micro-steps
+    (``1 / layout.accumulation``).
     """
-    engine = ctx.engine
-    with nvtx_range("train/backward"):
-        engine.backward(loss)
-    with nvtx_range("train/optimizer_step"):
-        if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
-            grads = [p.grad for p in engine.module.parameters() if p.requires_grad and p.grad is not None]
-            ctx.last_grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
-                                                                       for g in grads])) if grads else None
-        engine.step()
-
-
-def optimizer_step_metrics(ctx) -> dict:
-    """Grad norm (before clipping) and LR after an optimizer step (one host read each, once per step)."""
-    out = {}
-    gn = ctx.engine.get_global_grad_norm()
-    if gn is None:
-        gn = getattr(ctx, "last_grad_norm", None)
-    if gn is not None:
-        out["grad_norm"] = float(gn)
-    out["lr"] = float(ctx.engine.get_lr()[0])
-    return out
+    layout = ctx.layout
+    pts = draw_points(ctx, ro)
+    with nvtx_range("train/old_forward"):
+        v_old = snapshot_velocities(ctx, ro, pts, "old")
+    keep_host = adv.keep.cpu()  # groups dropped for a bad reward (known once per epoch, on the host)
+    passes = 1 if ctx.cfg.train.stack_timesteps else layout.timesteps  # micro_batches per micro-batch rows
+    stats, results = StepStats(), []
+    for s, step in enumerate(step_slices(layout)):
+        for j, sl in enumerate(step):
+            keep = None if bool(keep_host[sl].all()) else torch.nonzero(keep_host[sl]).squeeze(1).to(ro.x0.device)
+            for p, mb in enumerate(micro_batches(ctx, ro, pts, sl)):
+                with nvtx_range("train/policy_forward"):
+                    v_all = ctx.model.velocity(mb.x_t, mb.sigma, mb.cond, adapter="policy")
+                with nvtx_range("train/anchor_forward"), torch.no_grad():
+                    anchors = anchor(mb, v_all)
+                losses = []
+                for i, k in enumerate(mb.ks):  # the spec's loss is per (micro-batch, timestep): one per slice
+                    t = TimestepInputs(mb=mb, i=i, k=k, v=mb.part(v_all, i), v_old=v_old[sl, k], anchor=anchors,
+                                       keep=keep, first=s == 0 and j == 0 and k == 0)
+                    with nvtx_range("train/loss"):
+                        value, logged = loss(t)
+                    losses.append(value)
+                    stats.add("loss", value.detach())
+                    for name, v in logged.items():
+                        stats.add(name, v)
+                total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+                ctx.stepper.backward(total / layout.accumulation, last=j == len(step) - 1 and p == passes - 1)
+        metrics = stats.reduce(ctx.dist)
+        metrics.update(ctx.stepper.metrics())
+        results.append(metrics)
+    return results

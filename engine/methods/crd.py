@@ -29,11 +29,8 @@ import torch
 
 import kernels
 from engine.errors import ConfigError
-from engine.runlog import StepStats
 from engine.methods import Method, register
-from engine.methods.common import (backward_step, draw_points, grouped_advantages, micro_batches,
-                                   optimizer_step_metrics, set_boundary, snapshot_velocities, step_slices)
-from engine.nvtx_ranges import nvtx_range
+from engine.methods.common import forward_process_update, grouped_advantages
 from engine.options import opt
 from engine.rollout import ode_rollout
 from engine.snapshots import Schedule
@@ -116,68 +113,40 @@ class CRD(Method):
 
     def update(self, ctx, ro, adv) -> list[dict]:
         o, layout, dist = self.opt, ctx.layout, ctx.dist
-        # 3. K timesteps per sample, fresh eps per (sample, timestep), stored
-        pts = draw_points(ctx, ro)
-        # 4. v_old once, before any update, same micro-batch layout as training
-        with nvtx_range("train/old_forward"):
-            v_old = snapshot_velocities(ctx, ro, pts, "old")
         rho = adv.rho if o.adaptive_kl else torch.ones_like(adv.rho)  # c_i = kl_beta when not adaptive
         need_anchor = o.kl_beta > 0 or (o.adaptive_kl and o.kl_min > 0)
         local_centering = layout.groups_local if o.centering == "group" else dist.world_size == 1
-        keep_host = adv.keep.cpu()  # groups dropped for a bad reward (known once per epoch, on the host)
-        stats, results = StepStats(), []
-        # 5. micro-steps: per micro-batch, its K timesteps stacked into one pass (or one pass per timestep)
-        for s, step in enumerate(step_slices(layout)):
-            for j, sl in enumerate(step):
-                keep = None if bool(keep_host[sl].all()) else torch.nonzero(keep_host[sl]).squeeze(1).to(ro.x0.device)
-                for mb in micro_batches(ctx, ro, pts, sl):
-                    with nvtx_range("train/policy_forward"):
-                        v_all = ctx.model.velocity(mb.x_t, mb.sigma, mb.cond, adapter="policy")
-                    with nvtx_range("train/anchor_forward"), torch.no_grad():
-                        if need_anchor:  # cond + uncond rows of every covered timestep in one batch
-                            v_pc_all, v_pu_all = ctx.model.velocity_cfg_pair(mb.x_t, mb.sigma, mb.cond,
-                                                                             adapter="pretrained")
-                        else:  # every KL coefficient is 0: the anchor cannot change loss or gradient
-                            v_pc_all = v_pu_all = v_all.detach()
-                    losses = []
-                    for i, k in enumerate(mb.ks):  # the spec's loss is per (micro-batch, timestep): one per slice
-                        v, part = mb.part(v_all, i), (lambda t, i=i: mb.part(t, i))
-                        with nvtx_range("train/loss"):
-                            args = (v, v_old[sl, k], part(mb.u), part(v_pc_all), part(v_pu_all), adv.r01[sl],
-                                    rho[sl], ro.group_ids[sl])
-                            # centering over the global micro-batch (groups straddling ranks): group means of
-                            # detached scalars gathered from every rank (a collective: every rank calls it)
-                            mean_fn = None if local_centering else gathered_group_mean(
-                                dist, len(keep_host[sl]), keep, by_group=o.centering == "group")
-                            if keep is not None:  # groups with a failed reward are left out of the loss
-                                args = tuple(a[keep] for a in args)
-                            if args[0].shape[0] == 0:  # nothing kept here (still joins the other ranks' gather)
-                                if mean_fn is not None:
-                                    mean_fn(args[0].new_zeros(0, 2, dtype=torch.float32), args[7])
-                                loss, st = v.sum() * 0.0, {}
-                            else:
-                                loss, st = kernels.crd_loss(*args, beta=o.beta, adv_clip=o.adv_clip,
-                                                            cfg_scale=o.cfg_scale, kl_beta=o.kl_beta,
-                                                            kl_min=o.kl_min, centering=("group" if mean_fn else
-                                                                                        o.centering),
-                                                            group_mean_fn=mean_fn,
-                                                            backend=ctx.cfg.train.kernel_backend)
-                        losses.append(loss)
-                        stats.add("loss", loss.detach())
-                        for name in ("log_ratio", "kl", "kl_coef", "lc"):
-                            if name in st:
-                                stats.add(name, st[name])
-                        if "log_ratio" in st:
-                            stats.add("old_deviation", (v_old[sl, k] - v.detach()).float().square().flatten(1).mean(1))
-                            if s == 0 and j == 0 and k == 0:  # theta vs theta_old on the epoch's first micro-step
-                                stats.add("log_ratio_first_micro_step", st["log_ratio"])
-                    # one backward for the covered timesteps: the sum of their per-timestep losses
-                    set_boundary(ctx, j == len(step) - 1)
-                    backward_step(ctx, losses[0] if len(losses) == 1 else torch.stack(losses).sum())
-            metrics = stats.reduce(dist)
-            metrics.update(optimizer_step_metrics(ctx))
-            results.append(metrics)
-        return results
+
+        def anchor(mb, v_all):
+            if need_anchor:  # cond + uncond rows of every covered timestep in one batch
+                return ctx.model.velocity_cfg_pair(mb.x_t, mb.sigma, mb.cond, adapter="pretrained")
+            return v_all.detach(), v_all.detach()  # every KL coefficient is 0: the anchor changes nothing
+
+        def loss(t):
+            sl = t.rows
+            v_pc, v_pu = (t.part(a) for a in t.anchor)
+            args = t.kept(t.v, t.v_old, t.part(t.mb.u), v_pc, v_pu, adv.r01[sl], rho[sl], ro.group_ids[sl])
+            # centering over the global micro-batch (groups straddling ranks): group means of detached scalars
+            # gathered from every rank (a collective: every rank calls it)
+            mean_fn = None if local_centering else gathered_group_mean(dist, sl.stop - sl.start, t.keep,
+                                                                       by_group=o.centering == "group")
+            if args[0].shape[0] == 0:  # nothing kept here (still joins the other ranks' gather)
+                if mean_fn is not None:
+                    mean_fn(args[0].new_zeros(0, 2, dtype=torch.float32), args[7])
+                return t.v.sum() * 0.0, {}
+            value, st = kernels.crd_loss(*args, beta=o.beta, adv_clip=o.adv_clip, cfg_scale=o.cfg_scale,
+                                         kl_beta=o.kl_beta, kl_min=o.kl_min,
+                                         centering="group" if mean_fn else o.centering, group_mean_fn=mean_fn,
+                                         backend=ctx.cfg.train.kernel_backend)
+            logged = {name: st[name] for name in ("log_ratio", "kl", "kl_coef", "lc") if name in st}
+            if "log_ratio" in st:
+                logged["old_deviation"] = (t.v_old - t.v.detach()).float().square().flatten(1).mean(1)
+                if t.first:  # theta vs theta_old on the epoch's first micro-step
+                    logged["log_ratio_first_micro_step"] = st["log_ratio"]
+            return value, logged
+
+        # 3.-5. K stored timesteps, v_old once, micro-steps (engine.methods.common)
+        return forward_process_update(ctx, ro, adv, anchor=anchor, loss=loss)
 
 
 def gathered_group_mean(dist, rows: int, keep: torch.Tensor | None, *, by_group: bool):

@@ -25,7 +25,7 @@ or separate models when given.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -33,18 +33,15 @@ import torch
 from engine.errors import ConfigError
 from engine.runlog import StepStats
 from engine.methods import Method, register
-from engine.methods.fdfo import TorchStepper
 from engine.nvtx_ranges import nvtx_range
 from engine.options import opt
+from engine.stepper import TorchStepper
+from engine.streams import DIDR_INIT_EPOCH, Stream
 from models.base import Cond, as_sigma_batch
 
 REWARD_MODES = ("diffused", "terminal")
 WEIGHTINGS = ("dmd", "dmd_x0", "none")
 ONE_STEP = ("auto", "flow")
-#: random streams of DIDR's per-sample draws (engine.rollout uses 0..2, FDFO 3)
-STREAM_DIDR_SIGMA, STREAM_DIDR_EPS = 4, 5
-#: noise stream and "epoch" of the regression pairs (drawn once per run, not per epoch)
-STREAM_DIDR_INIT, INIT_EPOCH = 6, 0xD1D0
 
 
 @dataclass
@@ -224,7 +221,7 @@ def check_reward(reward: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Parameters of the two trained networks (each gets its own optimizer: fdfo.TorchStepper)
+# Parameters of the two trained networks (each gets its own optimizer: engine.stepper.TorchStepper)
 # ---------------------------------------------------------------------------------------------------------------
 
 def adapter_params(model: Any, name: str) -> list[torch.nn.Parameter]:
@@ -381,8 +378,8 @@ class DIDR:
                    ) -> tuple[StepStats, dict[str, torch.Tensor]]:
         """``ta_steps`` TA updates, then one generator update, on the batch ``z`` (micro-batched).
 
-        ``generator_opt`` / ``ta_opt``: ``backward(loss, last=...)`` and ``step() -> grad_norm``
-        (:class:`TorchStepper`).
+        ``generator_opt`` / ``ta_opt``: :class:`engine.stepper.TorchStepper` (``backward(loss, last=True)`` ends
+        an optimizer step; ``last_norm`` its gradient norm before clipping).
         ``draws``: optional (sigma [n], eps [n, ...]) per TA step and a last one for the generator (per-sample draws
         from the engine); else drawn from ``generator``. Returns (per-sample stats, grad norms), no host sync.
         """
@@ -397,22 +394,18 @@ class DIDR:
             for j, sl in enumerate(chunks):
                 with nvtx_range("train/ta_loss"):
                     loss, st = self.ta_loss(z[sl], cond.index(sl), sigma=sigma[sl], eps=eps[sl])
-                with nvtx_range("train/backward"):
-                    ta_opt.backward(loss * ((sl.stop - sl.start) / n), last=j == len(chunks) - 1)
+                ta_opt.backward(loss * ((sl.stop - sl.start) / n), last=j == len(chunks) - 1)
                 stats.add("ta_loss", st["ta_loss"].expand(sl.stop - sl.start))
-            with nvtx_range("train/optimizer_step"):
-                norms["ta_grad_norm"] = ta_opt.step()
+            norms["ta_grad_norm"] = ta_opt.last_norm
         sigma, eps = draws[-1]
         for j, sl in enumerate(chunks):
             with nvtx_range("train/generator_loss"):
                 loss, st = self.generator_loss(z[sl], cond.index(sl), prompts[sl], metadata[sl],
                                                sigma=sigma[sl], eps=eps[sl])
-            with nvtx_range("train/backward"):
-                generator_opt.backward(loss * ((sl.stop - sl.start) / n), last=j == len(chunks) - 1)
+            generator_opt.backward(loss * ((sl.stop - sl.start) / n), last=j == len(chunks) - 1)
             for k, v in st.items():
                 stats.add(k, v.expand(sl.stop - sl.start) if v.ndim == 0 else v)
-        with nvtx_range("train/optimizer_step"):
-            norms["grad_norm"] = generator_opt.step()
+        norms["grad_norm"] = generator_opt.last_norm
         return stats, norms
 
 
@@ -445,7 +438,7 @@ class DIDRMethod(Method):
             o, t = self.opt, ctx.cfg.train
             # DIDR's two optimizers are its own, so its forwards bypass the DeepSpeed engine (whose output hooks
             # route every backward into the engine's single optimizer): the raw FlowModel, at ZeRO stage 0
-            gen = ctx.engine.module.model if ctx.engine is not None else ctx.model
+            gen = ctx.model.flow
             if not callable(getattr(gen, "generate", None)):
                 if o.one_step != "flow":
                     raise ConfigError(f"DIDR needs a one-step generator, but model.family {ctx.cfg.model.family!r} "
@@ -459,8 +452,8 @@ class DIDRMethod(Method):
             self._opts = (TorchStepper(adapter_params(gen, "policy"), lr=t.lr, **kw),
                           TorchStepper(adapter_params(gen, "fake"), lr=o.ta_lr or t.lr, **kw))
             if self._pending_opt_state is not None:
-                self._opts[0].optimizer.load_state_dict(self._pending_opt_state["generator_opt"])
-                self._opts[1].optimizer.load_state_dict(self._pending_opt_state["ta_opt"])
+                self._opts[0].load_state_dict(self._pending_opt_state["generator_opt"])
+                self._opts[1].load_state_dict(self._pending_opt_state["ta_opt"])
                 self._pending_opt_state = None
         return self._core
 
@@ -479,7 +472,8 @@ class DIDRMethod(Method):
             idx = torch.arange(dist.rank, n, dist.world_size)
             prompts, _ = ctx.prompts.select(order[idx].tolist())
             shape = ctx.model.latent_shape(cfg.model.resolution, cfg.model.resolution)
-            z = sample_noise(idx, shape, seed=cfg.seed, epoch=INIT_EPOCH, stream=STREAM_DIDR_INIT, device=dist.device)
+            z = sample_noise(idx, shape, seed=cfg.seed, epoch=DIDR_INIT_EPOCH, stream=Stream.DIDR_INIT,
+                             device=dist.device)
             cond = core.generator.encode(prompts).to(dist.device)
             bs = max(1, cfg.rollout.batch_size)
             x = None  # the ODE targets only when the regression runs (the fake-score warm-up needs z and c only)
@@ -538,7 +532,6 @@ class DIDRMethod(Method):
                         loss = fn(z, cond, x, sl)
                     opt.backward(loss * ((sl.stop - sl.start) / z.shape[0]), last=j == len(chunks) - 1)
                     total = total + loss.detach() * ((sl.stop - sl.start) / z.shape[0])
-                opt.step()
                 losses.append(total)
             if losses:
                 losses = torch.stack(losses).float().cpu()
@@ -553,7 +546,7 @@ class DIDRMethod(Method):
         """The generator's and the TA's AdamW states (DIDR's own optimizers: DeepSpeed does not save them)."""
         if self._opts is None:
             return {}
-        return {"generator_opt": self._opts[0].optimizer.state_dict(), "ta_opt": self._opts[1].optimizer.state_dict()}
+        return {"generator_opt": self._opts[0].state_dict(), "ta_opt": self._opts[1].state_dict()}
 
     def load_rank_state(self, state: dict) -> None:
         if not state:
@@ -564,13 +557,13 @@ class DIDRMethod(Method):
         self._pending_opt_state = state
 
     def rollout(self, ctx, batch):
-        from engine.rollout import STREAM_INIT_NOISE, rank_samples, sample_noise
+        from engine.rollout import rank_samples, sample_noise
 
         self._setup(ctx)
         ro = rank_samples(ctx, batch)
         cfg = ctx.cfg
         shape = ctx.model.latent_shape(cfg.model.resolution, cfg.model.resolution)
-        ro.extras["z"] = sample_noise(ro.global_idx, shape, seed=cfg.seed, epoch=ro.epoch, stream=STREAM_INIT_NOISE,
+        ro.extras["z"] = sample_noise(ro.global_idx, shape, seed=cfg.seed, epoch=ro.epoch, stream=Stream.INIT_NOISE,
                                       device=ctx.dist.device)
         return ro
 
@@ -580,9 +573,9 @@ class DIDRMethod(Method):
 
         cfg, k = ctx.cfg, self.opt.ta_steps + 1
         idx, z = ro.global_idx[sl], ro.extras["z"][sl]
-        u = sample_noise(idx, (k,), seed=cfg.seed, epoch=ro.epoch, stream=STREAM_DIDR_SIGMA, device=z.device)
+        u = sample_noise(idx, (k,), seed=cfg.seed, epoch=ro.epoch, stream=Stream.DIDR_SIGMA, device=z.device)
         u = 0.5 * (1 + torch.erf(u / math.sqrt(2)))  # standard normal -> U(0, 1)
-        eps = sample_noise(idx, (k, *z.shape[1:]), seed=cfg.seed, epoch=ro.epoch, stream=STREAM_DIDR_EPS,
+        eps = sample_noise(idx, (k, *z.shape[1:]), seed=cfg.seed, epoch=ro.epoch, stream=Stream.DIDR_EPS,
                            device=z.device, dtype=z.dtype)
         return [(self._core.sigma_from_uniform(u[:, j]), eps[:, j]) for j in range(k)]
 
@@ -600,8 +593,8 @@ class DIDRMethod(Method):
                                            micro_batch_size=ctx.layout.micro_batch_size,
                                            draws=self._draws(ctx, ro, sl))
             metrics = stats.reduce(ctx.dist)
-            metrics.update({k: float(v) for k, v in norms.items()})  # one host read per optimizer step
-            metrics["lr"] = gen_opt.optimizer.param_groups[0]["lr"]
+            metrics.update({k: float(v) for k, v in norms.items() if v is not None})  # one host read per step
+            metrics["lr"] = gen_opt.metrics()["lr"]
             results.append(metrics)
         return results
 

@@ -24,8 +24,7 @@ rollouts do not depend on the world size either.
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -34,14 +33,14 @@ import kernels
 from engine.errors import ConfigError
 from engine.runlog import StepStats
 from engine.methods import Method, register
+from engine.methods.common import check_bad_rewards
 from engine.nvtx_ranges import nvtx_range
 from engine.options import opt
+from engine.streams import Stream
 from models.base import Cond
 from models.samplers import sample_fdfo_pairs
 
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-#: random stream of the per-branch churn noise (engine.rollout uses 0..2)
-STREAM_FDFO_CHURN = 3
 
 
 @dataclass
@@ -213,44 +212,6 @@ def contiguous_rank_rows(rows_per_rank: int, world_size: int) -> list[torch.Tens
 # The update
 # ---------------------------------------------------------------------------------------------------------------
 
-class TorchStepper:
-    """Plain-torch optimizer step with FDFO's stepper protocol: ``backward(loss, last=...)`` accumulates;
-    ``step()`` zeroes NaN/inf gradients on device, clips, applies AdamW, zeroes the gradients; returns the norm.
-    (The engine's DeepSpeed version is :class:`EngineStepper`.)"""
-
-    def __init__(self, params, *, lr: float, weight_decay: float = 1e-4, betas=(0.9, 0.999), grad_clip: float = 1.0,
-                 average_over: Any = None):
-        self.params = [p for p in params if p.requires_grad]
-        if not self.params:
-            raise ValueError("TorchStepper: no trainable parameters (requires_grad) were given")
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
-        self.grad_clip = grad_clip
-        #: an engine ``Dist``: gradients are averaged over its ranks at ``step`` (one flat all-reduce)
-        self.average_over = average_over
-
-    def backward(self, loss: torch.Tensor, *, last: bool = False) -> None:
-        loss.backward()
-
-    def step(self) -> torch.Tensor:
-        for p in self.params:
-            if p.grad is not None:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-        if self.average_over is not None and self.average_over.world_size > 1:
-            for p in self.params:  # every rank reduces the same buffer, also where a rank had no gradient
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            flat = self.average_over.all_reduce_sum(torch.cat([p.grad.reshape(-1) for p in self.params]))
-            flat /= self.average_over.world_size
-            offset = 0
-            for p in self.params:
-                p.grad.copy_(flat[offset: offset + p.numel()].view_as(p))
-                offset += p.numel()
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
-
-
 def spo_per_item(ratio: torch.Tensor, dR: torch.Tensor, clip: float) -> torch.Tensor:
     """Per-item SPO loss ``-dR rho + |dR| / (2 clip) (rho - 1)^2`` from the kernel's ratios (for logging)."""
     return -dR * ratio + dR.abs() / (2 * clip) * (ratio - 1).square()
@@ -259,8 +220,8 @@ def spo_per_item(ratio: torch.Tensor, dR: torch.Tensor, clip: float) -> torch.Te
 def fdfo_update(model: Any, data: PairData, dR: torch.Tensor, dxh: torch.Tensor, stepper: Any, cfg: FDFOConfig, *,
                 rank_rows: Sequence[torch.Tensor], rank: int, gradient_steps: int, seed: int, epoch: int,
                 kernel_backend: str = "auto") -> list[tuple[StepStats, Any]]:
-    """``gradient_steps`` optimizer steps over the epoch's shuffled items; per step (stats, what ``stepper.step()``
-    returned right after that step: the grad norm, or the engine's step metrics).
+    """``gradient_steps`` optimizer steps over the epoch's shuffled items through ``stepper``
+    (:mod:`engine.stepper`); per step (stats, ``stepper.metrics()``: grad norm and LR).
 
     ``dR`` [2P], ``dxh`` [2P, ...] from ``kernels.fdfo_pairs`` (this rank's rows). Stats per valid item: ``loss``
     (SPO), ``ratio``, ``log_ratio``, ``kl`` (when on); ``ratio_first_dev`` = |ratio - 1| on the epoch's first
@@ -308,8 +269,7 @@ def fdfo_update(model: Any, data: PairData, dR: torch.Tensor, dxh: torch.Tensor,
                 kl = (v.float() - v_pre.float()).square().flatten(1).mean(1)
                 loss = loss + (cfg.kl_lambda * scale) * kl[keep].sum()
                 stats.add("kl", kl.detach()[keep])
-            with nvtx_range("train/backward"):
-                stepper.backward(loss, last=j == micro.shape[0] - 1)
+            stepper.backward(loss, last=j == micro.shape[0] - 1)
             ratio = st["ratio"].detach()[keep]
             stats.add("ratio", ratio)
             stats.add("log_ratio", st["log_ratio"].detach()[keep])
@@ -317,9 +277,7 @@ def fdfo_update(model: Any, data: PairData, dR: torch.Tensor, dxh: torch.Tensor,
             if first:
                 stats.add("ratio_first_dev", (ratio.double() - 1).abs())
                 first = False
-        with nvtx_range("train/optimizer_step"):
-            step_result = stepper.step()
-        out.append((stats, step_result))
+        out.append((stats, stepper.metrics()))
     return out
 
 
@@ -353,29 +311,6 @@ class FDFO:
 # The engine method
 # ---------------------------------------------------------------------------------------------------------------
 
-class EngineStepper:
-    """FDFO's stepper over the DeepSpeed engine: FDFO owns the accumulation boundary (its micro-step count per
-    optimizer step varies with the shuffle), so ``backward`` does not rescale by the engine's accumulation count."""
-
-    def __init__(self, ctx) -> None:
-        self.ctx = ctx
-
-    def backward(self, loss: torch.Tensor, *, last: bool) -> None:
-        engine = self.ctx.engine
-        engine.set_gradient_accumulation_boundary(bool(last))
-        engine.backward(loss, scale_wrt_gas=False)
-        if last and engine.zero_optimization_stage() == 0:  # DeepSpeed keeps no norm without ZeRO: measure it
-            grads = [p.grad for p in engine.module.parameters() if p.requires_grad and p.grad is not None]
-            self.ctx.last_grad_norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
-                                                                             for g in grads])) if grads else None)
-        engine.step()
-
-    def step(self) -> dict:
-        """The engine stepped at the boundary micro-step; its grad norm and LR now (one host read per step)."""
-        from engine.methods.common import optimizer_step_metrics
-        return optimizer_step_metrics(self.ctx)
-
-
 @dataclass
 class FDFOTargets:
     """What ``advantages`` hands to ``update``: per local row ``dR`` [2P] and ``dxh`` [2P, ...]; epoch metrics."""
@@ -394,7 +329,7 @@ class FDFOMethod(Method):
     exact_groups = False
 
     def rollout(self, ctx, batch):
-        from engine.rollout import STREAM_INIT_NOISE, rank_samples, sample_noise
+        from engine.rollout import rank_samples, sample_noise
 
         cfg, o = ctx.cfg, self.opt
         ro = rank_samples(ctx, batch)
@@ -404,9 +339,10 @@ class FDFOMethod(Method):
         shape = ctx.model.latent_shape(cfg.model.resolution, cfg.model.resolution)
         dev = ctx.dist.device
         pair_idx = ro.global_idx[0::2] // 2  # the shared initial noise is keyed by the pair (global prompt slot)
-        x_init = sample_noise(pair_idx, shape, seed=cfg.seed, epoch=ro.epoch, stream=STREAM_INIT_NOISE, device=dev)
+        x_init = sample_noise(pair_idx, shape, seed=cfg.seed, epoch=ro.epoch, stream=Stream.INIT_NOISE,
+                              device=dev)
         xi = sample_noise(ro.global_idx, (o.num_steps, *shape), seed=cfg.seed, epoch=ro.epoch,
-                          stream=STREAM_FDFO_CHURN, device=dev).transpose(0, 1)
+                          stream=Stream.FDFO_CHURN, device=dev).transpose(0, 1)
         sigmas = ctx.model.sigmas(o.num_steps).to(dev, torch.float32)
         data = paired_rollout(ctx.model, ro.cond.index(slice(0, None, 2)), x_init, o, xi=xi, sigmas=sigmas,
                               batch_pairs=max(1, cfg.rollout.batch_size // 2))
@@ -417,7 +353,6 @@ class FDFOMethod(Method):
     def advantages(self, ctx, ro, scores) -> FDFOTargets:
         """Raw rewards -> (dR, dxh). A pair with a NaN/failed reward on either branch gets dR = 0 (no update);
         above ``train.max_bad_reward_fraction`` of the epoch's samples the run aborts."""
-        from engine.methods.common import RewardFailure
 
         dist, dev = ctx.dist, ctx.dist.device
         reward = scores["reward"].to(dev, torch.float32)
@@ -428,13 +363,7 @@ class FDFOMethod(Method):
         sums = dist.all_reduce_sum(torch.stack([(~valid).sum().double(), (~pair_ok).sum().double(),
                                                 (safe * ok).sum(), (safe.square() * ok).sum(), ok.sum()])).tolist()
         n_bad, n_dropped, s, sq, n_ok = sums
-        frac = n_bad / ctx.layout.samples_per_epoch
-        if frac > ctx.cfg.train.max_bad_reward_fraction:
-            raise RewardFailure(f"{int(n_bad)} of {ctx.layout.samples_per_epoch} rewards in epoch {ro.epoch} are NaN "
-                                f"or failed ({frac:.0%} > train.max_bad_reward_fraction)")
-        if n_bad and dist.is_main:
-            warnings.warn(f"epoch {ro.epoch}: {int(n_bad)} NaN/failed rewards; {int(n_dropped)} branches (whole "
-                          f"pairs) get no update", RuntimeWarning, stacklevel=2)
+        check_bad_rewards(ctx, int(n_bad), ro.epoch, lambda: f"{int(n_dropped)} branches (whole pairs) get no update")
         dR, dxh = kernels.fdfo_pairs(ro.x0, safe, backend=ctx.cfg.train.kernel_backend)
         mean = s / max(n_ok, 1)
         metrics = {"reward/mean": mean, "reward/std": math.sqrt(max(sq / max(n_ok, 1) - mean * mean, 0.0)),
@@ -459,7 +388,7 @@ class FDFOMethod(Method):
     def update(self, ctx, ro, adv: FDFOTargets) -> list[dict]:
         layout = ctx.layout
         rank_rows = [layout.rank_indices(r) for r in range(layout.world_size)]
-        steps = fdfo_update(ctx.model, ro.extras["pairs"], adv.dR, adv.dxh, EngineStepper(ctx), self.opt,
+        steps = fdfo_update(ctx.model, ro.extras["pairs"], adv.dR, adv.dxh, ctx.stepper, self.opt,
                             rank_rows=rank_rows, rank=ctx.dist.rank, gradient_steps=layout.gradient_steps,
                             seed=ctx.cfg.seed, epoch=ro.epoch, kernel_backend=ctx.cfg.train.kernel_backend)
         results = []

@@ -10,15 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 import kernels
 from engine.errors import ConfigError
-from engine.runlog import StepStats
 from engine.methods import Method, register
-from engine.methods.common import (backward_step, draw_points, grouped_advantages, micro_batches,
-                                   optimizer_step_metrics, set_boundary, snapshot_velocities, step_slices)
-from engine.nvtx_ranges import nvtx_range
+from engine.methods.common import forward_process_update, grouped_advantages
 from engine.options import opt
 from engine.rollout import ode_rollout
 from engine.snapshots import Schedule
@@ -61,45 +56,22 @@ class NFT(Method):
         return grouped_advantages(ctx, ro, scores, global_std=self.opt.global_std, adv_clip=self.opt.adv_clip)
 
     def update(self, ctx, ro, adv) -> list[dict]:
-        o, layout = self.opt, ctx.layout
-        pts = draw_points(ctx, ro)
-        with nvtx_range("train/old_forward"):
-            v_old = snapshot_velocities(ctx, ro, pts, "old")
-        keep_host = adv.keep.cpu()
-        stats, results = StepStats(), []
-        for s, step in enumerate(step_slices(layout)):
-            for j, sl in enumerate(step):
-                x0 = ro.x0[sl]
-                keep = None if bool(keep_host[sl].all()) else torch.nonzero(keep_host[sl]).squeeze(1).to(x0.device)
-                # per micro-batch, its K timesteps stacked into one pass (or one pass per timestep)
-                for mb in micro_batches(ctx, ro, pts, sl):
-                    with nvtx_range("train/policy_forward"):
-                        v_all = ctx.model.velocity(mb.x_t, mb.sigma, mb.cond, adapter="policy")
-                    with nvtx_range("train/anchor_forward"), torch.no_grad():
-                        v_pre_all = (ctx.model.velocity(mb.x_t, mb.sigma, mb.cond, adapter="pretrained")
-                                     if o.kl_beta > 0 else v_all.detach())
-                    losses = []
-                    for i, k in enumerate(mb.ks):  # the loss is per (micro-batch, timestep): one per slice
-                        v, part = mb.part(v_all, i), (lambda t, i=i: mb.part(t, i))
-                        with nvtx_range("train/loss"):
-                            args = (v, v_old[sl, k], part(v_pre_all), part(mb.x_t), x0, part(mb.sigma), adv.r01[sl])
-                            if keep is not None:
-                                args = tuple(a[keep] for a in args)
-                            if args[0].shape[0] == 0:
-                                loss, st = v.sum() * 0.0, {}
-                            else:
-                                loss, st = kernels.nft_loss(*args, beta=o.beta, adv_clip=o.adv_clip,
-                                                            kl_beta=o.kl_beta, backend=ctx.cfg.train.kernel_backend)
-                        losses.append(loss)
-                        stats.add("loss", loss.detach())
-                        for name in ("l_pos", "l_neg", "kl"):
-                            if name in st:
-                                stats.add(name, st[name])
-                        stats.add("old_deviation", (v_old[sl, k] - v.detach()).float().square().flatten(1).mean(1))
-                    # one backward for the covered timesteps: the sum of their per-timestep losses
-                    set_boundary(ctx, j == len(step) - 1)
-                    backward_step(ctx, losses[0] if len(losses) == 1 else torch.stack(losses).sum())
-            metrics = stats.reduce(ctx.dist)
-            metrics.update(optimizer_step_metrics(ctx))
-            results.append(metrics)
-        return results
+        o = self.opt
+
+        def anchor(mb, v_all):
+            if o.kl_beta > 0:
+                return (ctx.model.velocity(mb.x_t, mb.sigma, mb.cond, adapter="pretrained"),)
+            return (v_all.detach(),)
+
+        def loss(t):
+            sl = t.rows
+            args = t.kept(t.v, t.v_old, t.part(t.anchor[0]), t.part(t.mb.x_t), ro.x0[sl], t.part(t.mb.sigma),
+                          adv.r01[sl])
+            logged = {"old_deviation": (t.v_old - t.v.detach()).float().square().flatten(1).mean(1)}
+            if args[0].shape[0] == 0:
+                return t.v.sum() * 0.0, logged
+            value, st = kernels.nft_loss(*args, beta=o.beta, adv_clip=o.adv_clip, kl_beta=o.kl_beta,
+                                         backend=ctx.cfg.train.kernel_backend)
+            return value, {**{name: st[name] for name in ("l_pos", "l_neg", "kl") if name in st}, **logged}
+
+        return forward_process_update(ctx, ro, adv, anchor=anchor, loss=loss)

@@ -33,10 +33,9 @@ from typing import Sequence
 
 import torch
 
+from engine.streams import TESTBED_EVAL_EPOCH, Stream
 from engine.testbed.plots import reward_curve, save_grid
 
-#: noise stream of evaluation samples (distinct from the training streams 0..2 of engine.rollout)
-EVAL_EPOCH = 0xEEEE
 #: the repository root (this file is engine/testbed/eval.py)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: evaluation samples per prompt family at least (see :func:`samples_per_prompt_index`): the std of the overall
@@ -113,7 +112,7 @@ def generate(ctx, prompt_set, adapter: str | None, *, samples_per_prompt: int = 
     model), their metadata and group ids (prompt indices). ``adapter=None``: the pretrained model with the rollout
     ODE (the base model; with classifier-free guidance ``cfg_scale`` when it is not 1); otherwise the method's
     ``eval_sample`` with that adapter."""
-    from engine.rollout import STREAM_INIT_NOISE, sample_noise
+    from engine.rollout import sample_noise
     from models.samplers import sample_ode
 
     if cfg_scale != 1.0 and adapter is not None:
@@ -125,7 +124,7 @@ def generate(ctx, prompt_set, adapter: str | None, *, samples_per_prompt: int = 
     prompts, metadata = prompt_set.select(prompt_idx.tolist())
     res = ctx.cfg.model.resolution
     shape = ctx.model.latent_shape(res, res)
-    noise = sample_noise(torch.arange(total), shape, seed=seed, epoch=EVAL_EPOCH, stream=STREAM_INIT_NOISE,
+    noise = sample_noise(torch.arange(total), shape, seed=seed, epoch=TESTBED_EVAL_EPOCH, stream=Stream.INIT_NOISE,
                          device=ctx.dist.device)
     cond = ctx.model.encode(prompts).to(ctx.dist.device)
     outs = []
