@@ -6,7 +6,7 @@ Methods never reach into transformer internals, never call diffusers pipelines, 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Sequence
 
 import torch
