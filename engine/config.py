@@ -8,21 +8,19 @@ live in a section named after it (``crd:``, ``nft:``, ...) whose dataclass the m
 Every value is type-checked against its field annotation; any problem raises :class:`ConfigError` with one sentence
 naming the key (``train.py`` prints it and exits with code 2).
 
-Every option is declared with :func:`engine.options.opt` (default + help line), so ``--help`` describes all of them.
-The batch arithmetic (per-rank sizes, accumulation, micro-batch layout) is :mod:`engine.batch`.
+Every option is declared with :func:`engine.options.opt` (default + help line), so ``--help`` describes all of them;
+the type checking and recipe/override reading are :mod:`engine.options` (schema-agnostic); the batch arithmetic
+(per-rank sizes, accumulation, micro-batch layout) is :mod:`engine.batch`. This module is the schema, the loader and
+the value checks.
 """
 from __future__ import annotations
 
-import dataclasses
-import os
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from engine.errors import ConfigError  # noqa: F401  (re-exported: the error type of every config problem)
-from engine.options import opt
+from engine.options import build_dataclass, help_lines as option_help_lines, opt, parse_override, read_yaml, set_path
+from engine.options import to_dict  # noqa: F401  (re-exported: engine.loop/context/runlog write configs back)
 from engine.registry import import_path, is_import_path
 from engine.rewards.registry import RewardSpec
 
@@ -145,168 +143,29 @@ class Config:
         return self.output_dir.replace("{method}", self.method)
 
 
-# ----------------------------------------------------------------------------------------------- type checking
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """``value`` checked (and mildly coerced: int -> float, '1e-4' -> float) against annotation ``tp``."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r} must be a mapping of {tp.__name__} options, got {value!r}")
-        return build_dataclass(tp, value, key)
-    if origin is typing.Union or str(origin) == "types.UnionType":
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"config key {key!r} has an invalid value {value!r}")
-    if origin in (list, tuple) or tp in (list, tuple):
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"config key {key!r} must be a list, got {type(value).__name__} {value!r}")
-        args = typing.get_args(tp)
-        if args:
-            return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-        return list(value)
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r} must be a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"config key {key!r} must be an integer, got {type(value).__name__} {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key {key!r} must be a number, got {type(value).__name__} {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"config key {key!r} must be a string, got {type(value).__name__} {value!r}")
-    return value
-
-
-def build_dataclass(cls, values: dict, prefix: str = ""):
-    """Instance of dataclass ``cls`` from a (nested) dict; unknown keys and wrong types raise ConfigError."""
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        where = f"section {prefix!r}" if prefix else "the top level"
-        raise ConfigError(f"unknown config key {_join(prefix, unknown[0])!r} in {where}; "
-                          f"known keys: {', '.join(sorted(names))}")
-    kwargs = {k: _coerce(v, hints[k], _join(prefix, k)) for k, v in values.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config section {prefix or cls.__name__!r}: {e}") from None
-
-
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
-
-
-def to_dict(obj) -> Any:
-    """Plain nested dict/list of a config (for YAML dumps and checkpoints)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
-
-
-# ----------------------------------------------------------------------------------------------- loading
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"train.lr=1e-4"`` -> (["train", "lr"], 1e-4); the value is parsed as YAML (``[1, 2]``, ``true``, ...)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key=value (e.g. train.lr=1e-4)")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"override {text!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def _set_path(tree: dict, path: list[str], value: Any) -> None:
-    node = tree
-    for i, p in enumerate(path[:-1]):
-        nxt = node.get(p)
-        if nxt is None:
-            nxt = node[p] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"config key {'.'.join(path[: i + 1])!r} is not a section, cannot set "
-                              f"{'.'.join(path)!r}")
-        node = nxt
-    node[path[-1]] = value
-
-
-def read_yaml(path: str) -> dict:
-    """The mapping in YAML file ``path`` (ConfigError when missing or not a mapping)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
-    return data
-
-
 def load_config(path: str | None = None, overrides: list[str] = (), method: str | None = None,
                 method_configs: dict[str, type] | None = None) -> Config:
     """Defaults <- YAML ``path`` <- ``overrides``; ``method`` (the CLI's ``--method``) wins over the YAML's.
 
-    ``method_configs`` maps method names to their option dataclasses (default: the method registry). Every method
-    section present in the YAML is type-checked; ``Config.algo`` is the chosen method's.
+    ``method_configs`` maps method names to their option dataclasses (default: the method registry, plus the chosen
+    method when it is a ``module:Class`` plug-in; its section is the class's ``name``). Every method section present
+    in the YAML is type-checked; ``Config.algo`` is the chosen method's.
     """
-    if method_configs is None:
-        from engine.methods import method_configs as registry_configs
-        method_configs = registry_configs()
     tree = read_yaml(path) if path else {}
     for ov in overrides:
         k, v = parse_override(ov)
-        _set_path(tree, k, v)
+        set_path(tree, k, v)
     if method is not None:  # the command line names the method (a recipe written for another one still loads)
         tree["method"] = method
     chosen = tree.get("method", Config.method if isinstance(Config.method, str) else "crd")
-    if not isinstance(chosen, str) or chosen not in method_configs:
+    if not isinstance(chosen, str):
+        raise ConfigError(f"config key 'method' must be a method name or a 'module:Class' path, got {chosen!r}")
+    if method_configs is None:
+        from engine.methods import method_configs as registry_configs, section_name
+        method_configs, section = registry_configs(chosen), section_name(chosen)
+    else:
+        section = chosen
+    if section not in method_configs:
         raise ConfigError(f"unknown method {chosen!r}; registered methods: {', '.join(sorted(method_configs))}")
     sections = {name: tree.pop(name) for name in list(tree) if name in method_configs}
     for name, sec in sections.items():
@@ -314,7 +173,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), method: str 
             raise ConfigError(f"config section {name!r} must be a mapping")
     algos = {name: build_dataclass(method_configs[name], sec or {}, name) for name, sec in sections.items()}
     cfg = build_dataclass(Config, tree)
-    cfg.algo = algos.get(chosen) or method_configs[chosen]()
+    cfg.algo = algos.get(section) or method_configs[section]()
     validate(cfg)
     return cfg
 
@@ -375,27 +234,6 @@ def validate(cfg: Config) -> None:
         cfg.algo.validate(cfg)
 
 
-# ------------------------------------------------------------------------------------------------- --help text
 def help_lines(cls=Config, prefix: str = "") -> list[str]:
-    """One line per option: ``key (type, default X): help`` — generated from the dataclasses."""
-    lines = []
-    hints = _hints(cls)
-    inst = cls()
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("internal"):
-            continue
-        key = _join(prefix, f.name)
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            lines.extend(help_lines(tp, key))
-            continue
-        default = getattr(inst, f.name)
-        if dataclasses.is_dataclass(default) or (isinstance(default, list) and default
-                                                 and dataclasses.is_dataclass(default[0])):
-            default = to_dict(default)
-        tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
-        lines.append(f"  {key} ({tname}, default {default!r}): {f.metadata.get('help', '')}")
-        item = (typing.get_args(tp) or [None])[0]
-        if dataclasses.is_dataclass(item):  # a list of sections (rewards): its entries' options too
-            lines.extend(help_lines(item, f"{key}[]"))
-    return lines
+    """One line per option of ``cls`` (default: the whole run config): ``key (type, default X): help``."""
+    return option_help_lines(cls, prefix)

@@ -1,17 +1,21 @@
 """FDFO (spec/methods.md section 4) on a toy flow model: on-policy ratio, update direction vs the true gradient,
-the global item shuffle and its W-rank split, KL. (The 2-process gloo run through the engine is in
-test_fdfo_engine.py.)"""
+the global item shuffle and its W-rank split, KL. The engine method's own ``advantages``/``update`` run through a
+light context (tests/light_context.py); the 2-process gloo run through the whole engine is in test_fdfo_engine.py."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
 
+import kernels
 from engine.errors import ConfigError
-from engine.distributed import Dist
-from engine.methods.fdfo import FDFO, FDFOConfig, contiguous_rank_rows, item_schedule, paired_rollout
+from engine.methods.fdfo import (FDFOConfig, FDFOMethod, FDFOTargets, contiguous_rank_rows, item_schedule,
+                                 paired_rollout)
 from engine.stepper import TorchStepper
 from models.base import Cond, FlowModel
 from models.lora import Adapters
 from models.samplers import churn_coefficients, linear_sigmas
+from tests.light_context import light_context, run_config
 
 SHAPE = (2, 2, 2)
 
@@ -65,12 +69,21 @@ def _setup(pairs=8, steps=6, seed=0, **cfg_kw):
     return model, cfg, cond, x_init
 
 
-LOCAL = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+def _method_and_context(cfg, model, stepper, *, rows, gradient_steps, epoch, **kw):
+    """FDFOMethod over ``rows`` branches (micro-batches of one pair) in a light context."""
+    method = FDFOMethod(run_config("fdfo", cfg))
+    ctx = light_context(method, model, stepper, prompts_per_epoch=rows // 2, group_size=2, micro_batch_size=2,
+                        gradient_steps=gradient_steps, epoch=epoch, **kw)
+    return method, ctx
 
 
-def _reduce(steps, dist=LOCAL):
-    """Per optimizer step: the globally reduced stats (mean/min/max/... of every name)."""
-    return [stats.reduce(dist) for stats, _ in steps]
+def _train(model, cfg, data, rewards, stepper, *, epoch, gradient_steps=4, **kw):
+    """One epoch of the engine method on pair rollouts ``data``: advantages (raw rewards -> finite-difference
+    pairs) then its optimizer steps -> the reduced metrics of each step."""
+    method, ctx = _method_and_context(cfg, model, stepper, rows=data.num_rows, gradient_steps=gradient_steps,
+                                      epoch=epoch, **kw)
+    ro = SimpleNamespace(epoch=epoch, x0=data.x_final, extras={"pairs": data})
+    return method.update(ctx, ro, method.advantages(ctx, ro, {"reward": rewards}))
 
 
 def _linear_reward(x):
@@ -82,11 +95,10 @@ def _linear_reward(x):
 def test_ratio_exactly_one_on_first_micro_step_of_each_epoch(cfg_scale, storage):
     model, cfg, cond, x_init = _setup(cfg_scale=cfg_scale, storage_dtype=storage)
     cfg.micro_batch_items = 8
-    fdfo = FDFO(cfg, gradient_steps_per_epoch=4)
     opt = TorchStepper(model.policy_params(), lr=3e-2)
     for epoch in range(2):
-        ro = fdfo.rollout(model, cond, x_init, torch.Generator().manual_seed(10 + epoch))
-        steps = _reduce(fdfo.update(model, ro, _linear_reward(ro.x_final), opt, epoch=epoch))
+        ro = paired_rollout(model, cond, x_init, cfg, torch.Generator().manual_seed(10 + epoch))
+        steps = _train(model, cfg, ro, _linear_reward(ro.x_final), opt, epoch=epoch, gradient_steps=4)
         assert len(steps) == 4
         assert steps[0]["ratio_first_dev/max"] == 0.0, steps[0]["ratio_first_dev/max"]
         assert steps[0]["ratio/min"] == 1.0 == steps[0]["ratio/max"]  # the whole first step is on-policy too
@@ -97,12 +109,11 @@ def test_ratio_exactly_one_on_first_micro_step_of_each_epoch(cfg_scale, storage)
 def test_bf16_storage_keeps_ratio_close_to_one():
     model, cfg, cond, x_init = _setup(storage_dtype="bf16")
     cfg.micro_batch_items = 96
-    fdfo = FDFO(cfg, gradient_steps_per_epoch=1)
-    ro = fdfo.rollout(model, cond, x_init, torch.Generator().manual_seed(0))
+    ro = paired_rollout(model, cond, x_init, cfg, torch.Generator().manual_seed(0))
     assert ro.states.dtype == torch.bfloat16 and ro.velocities.dtype == torch.bfloat16
     assert ro.x_final.dtype == torch.float32
-    m = _reduce(fdfo.update(model, ro, _linear_reward(ro.x_final), TorchStepper(model.policy_params(), lr=1e-9),
-                            epoch=0))
+    m = _train(model, cfg, ro, _linear_reward(ro.x_final), TorchStepper(model.policy_params(), lr=1e-9), epoch=0,
+               gradient_steps=1)
     assert 0 < m[0]["ratio_first_dev/max"] < 0.05  # the fp32 model sees bf16-rounded states: close, not exact
 
 
@@ -150,9 +161,8 @@ def test_update_direction_aligns_with_true_gradient_of_linear_reward(gamma):
 
     rec = Recorder()
     cfg.micro_batch_items = 256
-    fdfo = FDFO(cfg, gradient_steps_per_epoch=1)
-    ro = fdfo.rollout(model, cond, x_init, torch.Generator().manual_seed(6))
-    fdfo.update(model, ro, _linear_reward(ro.x_final), rec, epoch=0)
+    ro = paired_rollout(model, cond, x_init, cfg, torch.Generator().manual_seed(6))
+    _train(model, cfg, ro, _linear_reward(ro.x_final), rec, epoch=0, gradient_steps=1)
     ascent = -rec.grad
     cos = torch.nn.functional.cosine_similarity(ascent, true_grad, dim=0)
     assert cos > 0.5, float(cos)
@@ -179,12 +189,11 @@ def test_kl_term_pulls_toward_pretrained():
     with torch.no_grad():
         for p in model.policy_params():
             p.add_(0.3)
-    fdfo = FDFO(cfg, gradient_steps_per_epoch=2)
     opt = TorchStepper(model.policy_params(), lr=1e-2)
-    ro = fdfo.rollout(model, cond, x_init, torch.Generator().manual_seed(0))
+    ro = paired_rollout(model, cond, x_init, cfg, torch.Generator().manual_seed(0))
     rewards = torch.zeros(ro.num_rows)  # dR = 0: only the KL moves the policy
-    m1 = _reduce(fdfo.update(model, ro, rewards, opt, epoch=0))
-    m2 = _reduce(fdfo.update(model, ro, rewards, opt, epoch=1))
+    m1 = _train(model, cfg, ro, rewards, opt, epoch=0, gradient_steps=2)
+    m2 = _train(model, cfg, ro, rewards, opt, epoch=1, gradient_steps=2)
     assert m1[0]["kl/mean"] > 0 and m2[-1]["kl/mean"] < m1[0]["kl/mean"]
 
 
@@ -194,10 +203,9 @@ def test_bad_input():
     with pytest.raises(ConfigError, match="fdfo.gamma_schedule"):
         FDFOConfig(num_steps=3, gamma_schedule=[0.1, 0.1]).validate()
     model, cfg, cond, x_init = _setup()
-    fdfo = FDFO(cfg)
-    ro = fdfo.rollout(model, cond, x_init, None)
+    ro = paired_rollout(model, cond, x_init, cfg, None)
     with pytest.raises(ValueError, match="one per branch"):
-        fdfo.update(model, ro, torch.zeros(3), TorchStepper(model.policy_params(), lr=1e-3), epoch=0)
+        _train(model, cfg, ro, torch.zeros(3), TorchStepper(model.policy_params(), lr=1e-3), epoch=0)
 
 
 def test_gamma_schedule_reaches_the_sampler():
@@ -210,8 +218,8 @@ def test_gamma_schedule_reaches_the_sampler():
 
 
 def test_rank_split_of_one_step_sums_to_the_one_rank_gradient():
-    """Emulated 2 ranks (no processes): each rank's gradient over its own rows, averaged (what the all-reduce does),
-    equals the 1-rank gradient of every optimizer step."""
+    """Emulated 2 ranks (no processes): each rank's gradient over its own rows (the batch layout's, interleaved
+    micro-batches), averaged (what the all-reduce does), equals the 1-rank gradient of every optimizer step."""
     model, cfg, cond, x_init = _setup(pairs=6, steps=4, gamma=0.05)
     cfg.micro_batch_items = 5
     ro = paired_rollout(model, cond, x_init, cfg, torch.Generator().manual_seed(1))
@@ -233,13 +241,16 @@ def test_rank_split_of_one_step_sums_to_the_one_rank_gradient():
         def metrics(self):
             return {}
 
+    dR, dxh = kernels.fdfo_pairs(ro.x_final, rewards)
+
     def grads(world, rank):
-        rows = 12 // world
-        sl = slice(rank * rows, (rank + 1) * rows)
-        part = type(ro)(ro.states[:, sl], ro.velocities[:, sl], ro.x_final[sl], ro.sigmas, ro.cond.index(sl))
         rec = Recorder()
-        FDFO(cfg, rank=rank, rank_rows=contiguous_rank_rows(rows, world), seed=4, gradient_steps_per_epoch=3
-             ).update(model, part, rewards[sl], rec, epoch=0)
+        method, ctx = _method_and_context(cfg, model, rec, rows=12, gradient_steps=3, epoch=0, world_size=world,
+                                          rank=rank, seed=4)
+        rows = ctx.layout.rank_indices(rank)
+        part = type(ro)(ro.states[:, rows], ro.velocities[:, rows], ro.x_final[rows], ro.sigmas, ro.cond.index(rows))
+        method.update(ctx, SimpleNamespace(epoch=0, x0=part.x_final, extras={"pairs": part}),
+                      FDFOTargets(dR[rows], dxh[rows], {}))
         return torch.stack(rec.grads)
 
     one = grads(1, 0)
@@ -254,7 +265,6 @@ def test_fdfo_raises_a_linear_reward_over_epochs(gamma, epochs, margin):
     Observed rises: about 0.40 (gamma 0.0025, 15 epochs) and 1.0 (gamma 0.05, 9 epochs)."""
     model, cfg, _, _ = _setup(pairs=16, steps=6, gamma=gamma)
     cfg.micro_batch_items = 48
-    fdfo = FDFO(cfg, gradient_steps_per_epoch=4, kernel_backend="torch")  # the reference kernels: fast on CPU
     opt = TorchStepper(model.policy_params(), lr=3e-3, weight_decay=0.0)
     ev_x = torch.randn(256, *SHAPE, generator=torch.Generator().manual_seed(99))
     ev_c = Cond(torch.zeros(256, 1, 1))
@@ -267,8 +277,9 @@ def test_fdfo_raises_a_linear_reward_over_epochs(gamma, epochs, margin):
     for e in range(epochs):
         x = torch.randn(16, *SHAPE, generator=torch.Generator().manual_seed(e))
         c = Cond(torch.randn(16, 1, 1, generator=torch.Generator().manual_seed(1000 + e)))
-        ro = fdfo.rollout(model, c, x, torch.Generator().manual_seed(100 + e))
-        fdfo.update(model, ro, _linear_reward(ro.x_final), opt, epoch=e)
+        ro = paired_rollout(model, c, x, cfg, torch.Generator().manual_seed(100 + e))
+        # the reference kernels: fast on CPU
+        _train(model, cfg, ro, _linear_reward(ro.x_final), opt, epoch=e, gradient_steps=4, kernel_backend="torch")
     assert held_out_reward() - start > margin
 
 

@@ -1,5 +1,6 @@
-"""A user's own model family and reward, named by ``module:callable`` in a YAML recipe, train with no engine file
-edited (the registries of engine.registry: ``models.FAMILIES``, ``engine.rewards.REWARDS``).
+"""A user's own model family, reward and method, named by ``module:callable`` in a YAML recipe, train with no engine
+file edited (the registries of engine.registry: ``models.FAMILIES``, ``engine.rewards.REWARDS``,
+``engine.methods.METHODS``).
 
 The plug-in package is written to a temporary directory at test time, so nothing in the repository knows it.
 """
@@ -96,6 +97,30 @@ class Redness:
         return self.scale * (images[:, 0] - images[:, 1:].mean(1)).flatten(1).mean(1)
 '''
 
+#: a method of the user's own: NFT with one more option (its YAML section is the class's ``name``)
+TOY_METHODS = '''
+from dataclasses import dataclass
+
+from engine.methods.nft import NFT, NFTConfig
+from engine.options import opt
+
+UPDATES = []  # the option value seen by every update (the test reads it)
+
+
+@dataclass
+class TaggedNFTConfig(NFTConfig):
+    tag: str = opt("none", "a word recorded at every update")
+
+
+class TaggedNFT(NFT):
+    name = "tagged_nft"
+    Config = TaggedNFTConfig
+
+    def update(self, ctx, rollout, adv):
+        UPDATES.append(self.opt.tag)
+        return super().update(ctx, rollout, adv)
+'''
+
 
 def write_plugin(tmp_path, family="toyplug.models:ToyFlow", reward="toyplug.rewards:Redness"):
     pkg = tmp_path / "toyplug"
@@ -103,6 +128,7 @@ def write_plugin(tmp_path, family="toyplug.models:ToyFlow", reward="toyplug.rewa
     (pkg / "__init__.py").write_text("")
     (pkg / "models.py").write_text(TOY_MODELS)
     (pkg / "rewards.py").write_text(TOY_REWARDS)
+    (pkg / "methods.py").write_text(TOY_METHODS)
     recipe = tmp_path / "toy.yaml"
     recipe.write_text(textwrap.dedent(f"""\
         method: crd
@@ -143,6 +169,27 @@ def test_a_toy_family_and_reward_from_module_paths_train_one_epoch(tmp_path, mon
     lora = [p.detach() for n, p in model.transformer.named_parameters() if "lora_B.policy" in n]
     assert len(lora) == 2 and all(p.abs().sum() > 0 for p in lora), "the policy LoRA (B = 0 at init) never moved"
     assert metrics["epoch"] == 0 and "reward/redness/mean" in metrics, sorted(metrics)
+
+
+def test_a_toy_method_from_a_module_path_trains_with_its_own_yaml_section(tmp_path, monkeypatch):
+    recipe = write_plugin(tmp_path)
+    recipe.write_text(recipe.read_text().replace("method: crd", "method: toyplug.methods:TaggedNFT")
+                      + "tagged_nft: {tag: hello, beta: 0.5}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "toyplug" or m.startswith("toyplug.")]:
+        monkeypatch.delitem(sys.modules, name)  # an earlier test imported the package from its own tmp_path
+    from engine.config import ConfigError, load_config
+    from engine.loop import train
+
+    cfg = load_config(str(recipe), [])
+    assert type(cfg.algo).__name__ == "TaggedNFTConfig" and cfg.algo.tag == "hello" and cfg.algo.beta == 0.5
+    import toyplug.methods
+    metrics = train(cfg)
+    assert toyplug.methods.UPDATES == ["hello"] and metrics["epoch"] == 0, (toyplug.methods.UPDATES, metrics)
+    with pytest.raises(ConfigError, match="unknown config key .tagged_nft.no_such_option."):
+        load_config(str(recipe), ["tagged_nft.no_such_option=1"])
+    with pytest.raises(ConfigError, match="has no attribute 'Missing'"):
+        load_config(str(recipe), [], method="toyplug.methods:Missing")
 
 
 @pytest.mark.parametrize("field,value,needle", [

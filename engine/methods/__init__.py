@@ -40,55 +40,48 @@ nothing inside a micro-step may read a value to the host.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from engine.errors import ConfigError
+from engine.registry import Registry, is_import_path
 
-#: name -> Method subclass
-registry: dict[str, type["Method"]] = {}
-
-#: built-in methods, imported lazily (module path per name) so the registry lists them without importing torch code
-BUILTIN = {"crd": "engine.methods.crd", "nft": "engine.methods.nft", "fdfo": "engine.methods.fdfo",
-           "didr": "engine.methods.didr"}
+#: method name -> Method subclass; built-ins are "module:Class" paths imported when first used, so listing the
+#: names imports no torch code. ``method: mypkg.methods:MyMethod`` names a user's own Method subclass.
+METHODS = Registry("method", {"crd": "engine.methods.crd:CRD", "nft": "engine.methods.nft:NFT",
+                              "fdfo": "engine.methods.fdfo:FDFOMethod", "didr": "engine.methods.didr:DIDRMethod"})
 
 
 def register(name: str):
-    """Class decorator adding a :class:`Method` subclass to the registry under ``name``."""
+    """Class decorator adding a :class:`Method` subclass to :data:`METHODS` under ``name`` (its YAML section)."""
     def deco(cls):
         cls.name = name
-        registry[name] = cls
+        METHODS.register(name, cls)
         return cls
     return deco
 
 
-def _load_builtins(strict: str | None = None) -> None:
-    """Import the built-in method modules. A module that does not exist yet is skipped; one that fails to import
-    is skipped too unless it is the ``strict`` method (whose error is then raised)."""
-    for name, module in BUILTIN.items():
-        if name in registry:
-            continue
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module and name == strict:
-                raise
-        except Exception:
-            if name == strict:
-                raise
-
-
 def get_method(name: str) -> type["Method"]:
-    _load_builtins(strict=name if name in BUILTIN else None)
-    if name not in registry:
-        raise ConfigError(f"unknown method {name!r}; registered methods: {', '.join(sorted(registry))}")
-    return registry[name]
+    """The Method subclass registered as ``name`` or at the ``"module:Class"`` path ``name`` (ConfigError if none)."""
+    cls = METHODS.get(name)
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ConfigError(f"method {name!r} is {cls!r}, not a subclass of engine.methods.Method")
+    return cls
 
 
-def method_configs() -> dict[str, type]:
-    """``{name: options dataclass}`` of every registered method (YAML sections)."""
-    _load_builtins()
-    return {name: cls.Config for name, cls in registry.items()}
+def section_name(name: str) -> str:
+    """The YAML section holding a method's options: its registered name; for a ``"module:Class"`` plug-in, the
+    class's own ``name`` when it sets one, else the path itself."""
+    if is_import_path(name):
+        return get_method(name).name or name
+    return name
+
+
+def method_configs(chosen: str | None = None) -> dict[str, type]:
+    """``{section: options dataclass}`` of every registered method, plus the ``chosen`` plug-in path if one."""
+    configs = {name: get_method(name).Config for name in METHODS.names()}
+    if chosen is not None and is_import_path(chosen):
+        configs[section_name(chosen)] = get_method(chosen).Config
+    return configs
 
 
 class Method:

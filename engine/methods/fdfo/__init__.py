@@ -21,14 +21,13 @@ back-propagates ``(W/M) sum`` over the items it owns, so the ranks' mean gradien
 forwards (ZeRO-3) stay in lockstep. Initial and churn noise are drawn per GLOBAL sample (``engine.rollout``), so the
 rollouts do not depend on the world size either.
 
-Package layout: ``config`` (options), ``rollout`` (the paired sampler run), ``update`` (item schedule, SPO steps;
-:class:`FDFO` drives them without the engine), ``method`` (the engine method, registered as ``fdfo``).
+Package layout: ``config`` (options), ``rollout`` (the paired sampler run), ``update`` (item schedule, SPO steps),
+``method`` (the engine method, registered as ``fdfo``).
 """
 from engine.methods.fdfo.config import STORAGE_DTYPES, FDFOConfig
 from engine.methods.fdfo.method import FDFOMethod, FDFOTargets
 from engine.methods.fdfo.rollout import PairData, paired_rollout, velocity_for
-from engine.methods.fdfo.update import (FDFO, ItemSchedule, contiguous_rank_rows, fdfo_update, item_schedule,
-                                       spo_per_item)
+from engine.methods.fdfo.update import ItemSchedule, contiguous_rank_rows, fdfo_update, item_schedule, spo_per_item
 
-__all__ = ["FDFO", "FDFOConfig", "FDFOMethod", "FDFOTargets", "ItemSchedule", "PairData", "STORAGE_DTYPES",
+__all__ = ["FDFOConfig", "FDFOMethod", "FDFOTargets", "ItemSchedule", "PairData", "STORAGE_DTYPES",
            "contiguous_rank_rows", "fdfo_update", "item_schedule", "paired_rollout", "spo_per_item", "velocity_for"]

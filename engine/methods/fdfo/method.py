@@ -61,6 +61,9 @@ class FDFOMethod(Method):
         above ``train.max_bad_reward_fraction`` of the epoch's samples the run aborts."""
 
         dist, dev = ctx.dist, ctx.dist.device
+        if scores["reward"].shape != (len(ro.x0),):
+            raise ValueError(f"FDFO: rewards must have shape ({len(ro.x0)},) (one per branch), got "
+                             f"{tuple(scores['reward'].shape)}")
         reward = scores["reward"].to(dev, torch.float32)
         valid = scores.get("valid", torch.isfinite(reward)).to(dev).bool() & torch.isfinite(reward)
         pair_ok = (valid[0::2] & valid[1::2]).repeat_interleave(2)

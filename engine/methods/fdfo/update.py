@@ -10,10 +10,9 @@ import torch
 import kernels
 from engine.errors import ConfigError
 from engine.methods.fdfo.config import FDFOConfig
-from engine.methods.fdfo.rollout import PairData, paired_rollout, velocity_for
+from engine.methods.fdfo.rollout import PairData, velocity_for
 from engine.nvtx_ranges import nvtx_range
 from engine.runlog import StepStats
-from models.base import Cond
 
 
 @dataclass
@@ -132,28 +131,3 @@ def fdfo_update(model: Any, data: PairData, dR: torch.Tensor, dxh: torch.Tensor,
         out.append((stats, stepper.metrics()))
     return out
 
-
-class FDFO:
-    """FDFO without the engine: a model, a stepper, tensors (used by tests and by :class:`FDFOMethod`)."""
-
-    def __init__(self, cfg: FDFOConfig, *, gradient_steps_per_epoch: int = 4, seed: int = 0,
-                 rank: int = 0, rank_rows: Sequence[torch.Tensor] | None = None, kernel_backend: str = "auto"):
-        cfg.validate()
-        self.cfg, self.gradient_steps, self.seed, self.rank = cfg, gradient_steps_per_epoch, seed, rank
-        self.rank_rows, self.kernel_backend = rank_rows, kernel_backend
-
-    def rollout(self, model: Any, cond: Cond, x_init_shared: torch.Tensor, generator: torch.Generator | None,
-                **kw) -> PairData:
-        return paired_rollout(model, cond, x_init_shared, self.cfg, generator, **kw)
-
-    def update(self, model: Any, data: PairData, rewards: torch.Tensor, stepper: Any, *, epoch: int
-               ) -> list[tuple[StepStats, Any]]:
-        """``rewards`` [2P] raw, one per branch -> per optimizer step (stats, grad_norm)."""
-        if rewards.shape != (data.num_rows,):
-            raise ValueError(f"FDFO: rewards must have shape ({data.num_rows},) (one per branch), got "
-                             f"{tuple(rewards.shape)}")
-        dR, dxh = kernels.fdfo_pairs(data.x_final, rewards, backend=self.kernel_backend)
-        rank_rows = self.rank_rows or contiguous_rank_rows(data.num_rows, 1)
-        return fdfo_update(model, data, dR, dxh, stepper, self.cfg, rank_rows=rank_rows, rank=self.rank,
-                           gradient_steps=self.gradient_steps, seed=self.seed, epoch=epoch,
-                           kernel_backend=self.kernel_backend)
