@@ -140,7 +140,8 @@ class Config:
 
     @property
     def run_dir(self) -> str:
-        return self.output_dir.replace("{method}", self.method)
+        # a plug-in method "pkg.mod:MyMethod" names its run folder by the class ("runs/MyMethod")
+        return self.output_dir.replace("{method}", self.method.rpartition(":")[2])
 
 
 def load_config(path: str | None = None, overrides: list[str] = (), method: str | None = None,
