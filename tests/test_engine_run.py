@@ -44,8 +44,10 @@ def test_crd_end_to_end_and_first_micro_step_log_ratio_is_exactly_zero(tmp_path)
     assert len(evals) == 2 and all(abs(e["eval/reward"]) <= 1 for e in evals)
 
 
-def test_crd_without_kl_is_centered_reward_matching(tmp_path, monkeypatch):
-    """adaptive KL off, kl_beta = 0: every micro-step loss equals (A/beta) mean(beta lc - rc)^2 computed here."""
+@pytest.mark.parametrize("adaptive", ["false", "true"])
+def test_crd_without_kl_is_centered_reward_matching(tmp_path, monkeypatch, adaptive):
+    """kl_beta = 0 switches the KL off, adaptive or not (kl_min then weighs nothing and the pretrained anchor is not
+    run): every micro-step loss equals (A/beta) mean(beta lc - rc)^2 computed here."""
     import engine.methods.crd as crd_mod
 
     calls = []
@@ -57,11 +59,12 @@ def test_crd_without_kl_is_centered_reward_matching(tmp_path, monkeypatch):
         return loss, st
 
     monkeypatch.setattr(crd_mod.kernels, "crd_loss", spy)
-    run_config(tiny_overrides(str(tmp_path / "m"), **{"crd.adaptive_kl": "false", "crd.kl_beta": 0,
-                                                     "crd.beta": 0.5, "train.epochs": 1}))
+    run_config(tiny_overrides(str(tmp_path / "m"), **{"crd.adaptive_kl": adaptive, "crd.kl_beta": 0,
+                                                     "crd.kl_min": 1e-3, "crd.beta": 0.5, "train.epochs": 1}))
     assert len(calls) == 4  # 2 optimizer steps x 1 micro-batch x 2 timesteps
-    for (v, v_old, u, _, _, r01, _, gids), kw, loss in calls:
-        assert kw["kl_beta"] == 0.0
+    for (v, v_old, u, v_pc, v_pu, r01, _, gids), kw, loss in calls:
+        assert kw["kl_beta"] == 0.0 and kw["kl_min"] == 0.0
+        assert torch.equal(v_pc, v) and torch.equal(v_pu, v)  # no anchor forward: its stand-in is v itself
         f = lambda t: t.reshape(t.shape[0], -1).double()
         w_th = (f(v) - f(u)).abs().mean(1).clamp_min(1e-5)
         w_old = (f(v_old) - f(u)).abs().mean(1).clamp_min(1e-5)

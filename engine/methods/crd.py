@@ -48,8 +48,8 @@ class CRDConfig:
     adv_clip: float = opt(5.0, "A_max: advantages A = (R - mean_group R) / std(R) are clipped to [-A_max, A_max]")
     global_std: bool = opt(True, "std(R) of the advantages over the whole epoch (false: per group)")
     cfg_scale: float = opt(4.5, "w_kl: CFG scale of the pretrained anchor the KL term pulls towards")
-    kl_beta: float = opt(0.1, "beta_kl: KL coefficient at rho = 1")
-    kl_min: float = opt(1e-4, "beta_min: KL coefficient at rho = 0 (still weights the anchor when kl_beta = 0)")
+    kl_beta: float = opt(0.1, "beta_kl: KL coefficient at rho = 1; 0 switches the KL (and the anchor's forward) off")
+    kl_min: float = opt(1e-4, "beta_min: KL coefficient at rho = 0 (of the adaptive KL; unused when kl_beta = 0)")
     adaptive_kl: bool = opt(True, "reward-adaptive KL c_i = kl_min + (kl_beta - kl_min) rho_i (false: c_i = kl_beta)")
     rho: str = opt("reward", "rho_i of the adaptive KL: reward (the sample's mapped reward) | advantage | "
                              "batch_reward (the micro-batch mean)")
@@ -114,7 +114,9 @@ class CRD(Method):
     def update(self, ctx, ro, adv) -> list[dict]:
         o, layout, dist = self.opt, ctx.layout, ctx.dist
         rho = adv.rho if o.adaptive_kl else torch.ones_like(adv.rho)  # c_i = kl_beta when not adaptive
-        need_anchor = o.kl_beta > 0 or (o.adaptive_kl and o.kl_min > 0)
+        # kl_beta = 0 means no KL at all, so kl_min (the adaptive floor) must not keep a (1 - rho) anchor alive
+        need_anchor = o.kl_beta > 0
+        kl_min = o.kl_min if need_anchor else 0.0
         local_centering = layout.groups_local if o.centering == "group" else dist.world_size == 1
 
         def anchor(mb, v_all):
@@ -135,7 +137,7 @@ class CRD(Method):
                     mean_fn(args[0].new_zeros(0, 2, dtype=torch.float32), args[7])
                 return t.v.sum() * 0.0, {}
             value, st = kernels.crd_loss(*args, beta=o.beta, adv_clip=o.adv_clip, cfg_scale=o.cfg_scale,
-                                         kl_beta=o.kl_beta, kl_min=o.kl_min,
+                                         kl_beta=o.kl_beta, kl_min=kl_min,
                                          centering="group" if mean_fn else o.centering, group_mean_fn=mean_fn,
                                          backend=ctx.cfg.train.kernel_backend)
             logged = {name: st[name] for name in ("log_ratio", "kl", "kl_coef", "lc") if name in st}
