@@ -40,6 +40,8 @@ def test_crd_end_to_end_and_first_micro_step_log_ratio_is_exactly_zero(tmp_path)
     assert all(s["grad_norm"] > 0 and s["lr"] == pytest.approx(3e-4) for s in steps)
     assert last["reward/mean"] == last["reward/mean"] and "kl/mean" in last and "decay/sampler" in last
     assert os.path.isfile(os.path.join(run, "samples", "epoch00002.png"))
+    for e in records(run, "epoch"):  # the temperature in reward units: 2 A_max beta std(R), beta 0.5 (the recipe)
+        assert e["crd/beta_eff"] == pytest.approx(2 * 5.0 * 0.5 * max(e["reward/std"], 1e-6), rel=1e-5)
     evals = records(run, "eval")  # before and after, on held-out prompts
     assert len(evals) == 2 and all(abs(e["eval/reward"]) <= 1 for e in evals)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
+from kernels.reference import STD_FLOOR
 from engine.batch import eligible_timesteps
 from engine.nvtx_ranges import nvtx_range
 from engine.runlog import StepStats
@@ -83,6 +84,9 @@ def grouped_advantages(ctx, ro, scores: dict, *, global_std: bool, adv_clip: flo
         gcnt = torch.zeros_like(r01).index_add_(0, inv, torch.ones_like(r01))
         rc_all[keep_all] = r01 - (gsum / gcnt.clamp_min(1))[inv]
         metrics["zero_std_fraction"] = float(stats["zero_std_fraction"])
+        # the std(R) that divides the advantages (global, or each sample's group's; floored as the kernel does):
+        # it sets the temperature of the fixed point in reward units (CRD logs crd/beta_eff from it)
+        metrics["advantage/std"] = float(stats["std"].clamp_min(STD_FLOOR).mean())
         metrics["reward/mean"] = float(Rk.mean())
         metrics["reward/std"] = float(Rk.std(unbiased=False))
         for k, v in scores.items():  # every component's mean/std (logged once per epoch)

@@ -107,9 +107,14 @@ class CRD(Method):
     # 2. rewards -> r_i (and rho for the adaptive KL)
     def advantages(self, ctx, ro, scores):
         o = self.opt
-        return grouped_advantages(ctx, ro, scores, global_std=o.global_std, adv_clip=o.adv_clip,
-                                  rho_mode=o.rho if o.adaptive_kl else "advantage",
-                                  reward_range=tuple(o.reward_range))
+        adv = grouped_advantages(ctx, ro, scores, global_std=o.global_std, adv_clip=o.adv_clip,
+                                 rho_mode=o.rho if o.adaptive_kl else "advantage",
+                                 reward_range=tuple(o.reward_range))
+        if "advantage/std" in adv.metrics:
+            # the target is p_ref exp(r / beta) in the normalised r = 0.5 + clip(A)/(2 A_max), A = (R - mean)/std:
+            # in reward units p_ref exp(R / beta_eff), beta_eff = 2 A_max beta std(R) (with per-group std: the mean)
+            adv.metrics["crd/beta_eff"] = 2 * o.adv_clip * o.beta * adv.metrics["advantage/std"]
+        return adv
 
     def update(self, ctx, ro, adv) -> list[dict]:
         o, layout, dist = self.opt, ctx.layout, ctx.dist
