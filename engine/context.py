@@ -106,7 +106,8 @@ def build(cfg: Config) -> tuple[Context, int]:
         import yaml
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump({**to_dict(cfg), section_name(cfg.method): to_dict(cfg.algo), "algo": None}, f, sort_keys=False)
+            yaml.safe_dump({**to_dict(cfg), section_name(cfg.method): to_dict(cfg.algo), "algo": None}, f,
+                           sort_keys=False)
     ctx = Context(cfg=cfg, method=method, dist=dist, layout=layout, model=model, engine=engine,
                   stepper=EngineStepper(engine), snapshots=snapshots,
                   prompts=prompts, test_prompts=test_prompts, rewards=rewards, sampler=sampler, logger=logger,
