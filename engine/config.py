@@ -15,6 +15,7 @@ the value checks.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,8 @@ class ModelConfig:
                                   "UNet), or a 'module:Class' path to your own FlowModel subclass")
     path: str = opt("checkpoints/testbed/base", "local diffusers-style model directory")
     random_init: bool = opt(False, "testbed only: build a random-init model from `size` instead of loading `path`")
-    size: dict = opt({}, "testbed only: TestbedConfig overrides for random_init (e.g. {num_layers: 1})")
+    size: dict = opt({}, "family settings: testbed: TestbedConfig overrides for random_init (e.g. {num_layers: 1}); "
+                         "gmm: models.gmm.GMMSettings (world, dim, teacher, ...)")
     finetune: str = opt("lora", "lora | full (full fine-tuning keeps policy/old/sampler copies + frozen pretrained)")
     lora_rank: int = opt(16, "LoRA rank")
     lora_alpha: float = opt(0.0, "LoRA alpha (0 = rank, i.e. scale 1)")
@@ -64,7 +66,18 @@ class TrainConfig:
     micro_batch_size: int = opt(8, "samples per rank per micro-step (one timestep)")
     gradient_steps_per_epoch: int = opt(2, "optimizer steps per epoch")
     num_timesteps: int = opt(0, "K training timesteps per sample (0 = all eligible sigmas)")
-    timestep_fraction: float = opt(0.99, "train on the noisiest int(N * fraction) sampler sigmas")
+    timestep_fraction: float = opt(0.99, "train on the noisiest int(N * fraction) sampler sigmas (NFT's default "
+                                         "nft.timestep_choice=official: K = int(N * fraction) of ALL N sigmas)")
+    timestep_sharing: str = opt("sample", "CRD/NFT: who shares the K training sigmas: sample (independent draws per "
+                                          "sample) | group (every member of a prompt group, drawn by the group id) | "
+                                          "micro_batch (every sample of one GLOBAL micro-batch, all ranks, drawn by "
+                                          "its number s*a+j in the epoch: the CRD first author's trainer)")
+    timestep_sampling: str = opt("discrete", "CRD/NFT: training sigma values: discrete (entries of the sampler's "
+                                             "sigma table) | uniform (sigma ~ U(sigma_min, sigma_max)) | "
+                                             "logit_normal (sigmoid(N(mean, std)) clamped to [sigma_min, "
+                                             "sigma_max]); sigma_min/sigma_max: the smallest/largest eligible "
+                                             "table sigma (never 0)")
+    logit_normal: list[float] = opt([0.0, 1.0], "[mean, std] of train.timestep_sampling=logit_normal (std > 0)")
     lr: float = opt(3e-4, "AdamW learning rate")
     betas: list = opt([0.9, 0.999], "AdamW betas")
     weight_decay: float = opt(1e-4, "AdamW weight decay")
@@ -204,6 +217,13 @@ def validate(cfg: Config) -> None:
          cfg.train.gradient_steps_per_epoch)
     need(cfg.train.num_timesteps >= 0, "train.num_timesteps", ">= 0", cfg.train.num_timesteps)
     need(0 < cfg.train.timestep_fraction <= 1, "train.timestep_fraction", "in (0, 1]", cfg.train.timestep_fraction)
+    need(cfg.train.timestep_sharing in ("sample", "group", "micro_batch"), "train.timestep_sharing",
+         "sample, group or micro_batch", cfg.train.timestep_sharing)
+    need(cfg.train.timestep_sampling in ("discrete", "uniform", "logit_normal"), "train.timestep_sampling",
+         "discrete, uniform or logit_normal", cfg.train.timestep_sampling)
+    need(len(cfg.train.logit_normal) == 2 and math.isfinite(cfg.train.logit_normal[0])
+         and 0 < cfg.train.logit_normal[1] < math.inf,
+         "train.logit_normal", "[mean, std] with finite mean and std > 0", cfg.train.logit_normal)
     need(cfg.train.lr > 0, "train.lr", "> 0", cfg.train.lr)
     need(len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas), "train.betas",
          "two numbers in [0, 1)", cfg.train.betas)

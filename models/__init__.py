@@ -21,6 +21,7 @@ FAMILIES = Registry("model family", {
     "sd3": "models.sd3:SD3Model",               # SD3 / SD3.5 (diffusers directory)
     "flux": "models.flux:FluxModel",            # FLUX.1 dev / schnell
     "onestep": "models.onestep:UNetOneStep",    # SD/SDXL-Turbo-style one-step UNet generators
+    "gmm": "models.gmm:GMMFlow",                # the known-answer world: Gaussian mixtures, closed-form optimum
 })
 
 __all__ = ["FAMILIES", "ADAPTER_NAMES", "TRAINABLE_NAMES", "Adapters", "Cond", "FlowModel", "LoraSettings",
