@@ -9,12 +9,14 @@ from enum import IntEnum
 
 class Stream(IntEnum):
     INIT_NOISE = 0    # the rollout's initial noise (also evaluation and FDFO's shared pair noise, DIDR's z)
-    TIMESTEPS = 1     # CRD/NFT: which K sampler sigmas each sample trains on
+    TIMESTEPS = 1     # CRD/NFT: which K training sigmas each sample trains on (table entries or continuous)
     TRAIN_NOISE = 2   # CRD/NFT: the fresh eps of each (sample, training timestep)
     FDFO_CHURN = 3    # FDFO: the per-branch churn noise of the pair sampler
     DIDR_SIGMA = 4    # DIDR: diffusion times of the TA and generator steps
     DIDR_EPS = 5      # DIDR: their noise
     DIDR_INIT = 6     # DIDR: the warm start's (noise, reference sample) pairs
+    TIMESTEPS_GROUP = 7        # CRD/NFT train.timestep_sharing=group: one draw of K sigmas per prompt group (by id)
+    TIMESTEPS_MICRO_BATCH = 8  # ... =micro_batch: one draw per global micro-batch (by its number in the epoch)
 
 
 #: "epochs" of draws made outside the epoch loop (far above any run's epoch count)

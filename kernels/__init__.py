@@ -24,24 +24,28 @@ __all__ = ["group_advantages", "crd_loss", "nft_loss", "fdfo_pairs", "fdfo_loss"
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, global_std: bool = True,
-                     adv_clip: float = 5.0, backend: str = "auto"
+                     adv_clip: float = 5.0, std_floor: str = "max", backend: str = "auto"
                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Grouped reward centering (methods.md section 1) -> ``(adv, r01, stats)``.
 
     ``rewards`` ``[N]`` (finite; checked, one host sync per call: call it once per epoch), ``group_ids`` ``[N]``
-    arbitrary integers. A group whose rewards are all equal (e.g. a one-member group) gets advantage 0 exactly and
-    ``r01 = 0.5``, with per-group or global std. ``stats["zero_std_fraction"]`` is a 0-d tensor.
+    arbitrary integers. ``std_floor``: ``"max"`` divides by ``max(std, 1e-6)``, ``"additive"`` by ``std + 1e-4``
+    (the official DiffusionNFT trainer). A group whose rewards are all equal (e.g. a one-member group) gets
+    advantage 0 exactly and ``r01 = 0.5``, with per-group or global std. ``stats["zero_std_fraction"]`` is a 0-d
+    tensor.
     """
-    validate.group_advantages(rewards, group_ids, adv_clip)
+    validate.group_advantages(rewards, group_ids, adv_clip, std_floor)
     resolve_backend(backend, rewards)  # validates the name; the [N]-sized math is torch on every backend
-    return reference.group_advantages(rewards, group_ids, global_std=global_std, adv_clip=adv_clip)
+    return reference.group_advantages(rewards, group_ids, global_std=global_std, adv_clip=adv_clip,
+                                      std_floor=std_floor)
 
 
 def crd_loss(v: torch.Tensor, v_old: torch.Tensor, u: torch.Tensor, v_pre_cond: torch.Tensor,
              v_pre_uncond: torch.Tensor, r01: torch.Tensor, rho: torch.Tensor, group_ids: torch.Tensor, *,
              beta: float = 1.0, adv_clip: float = 5.0, cfg_scale: float = 4.5, kl_beta: float = 0.1,
              kl_min: float = 1e-4, centering: str = "group", group_mean_fn: reference.GroupMeanFn | None = None,
-             backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             ratio_weight: torch.Tensor | None = None, backend: str = "auto"
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CRD loss of one micro-batch at one timestep (methods.md section 2 step 5) -> ``(loss, stats)``.
 
     Latents ``v`` (with grad), ``v_old``, ``u = eps - x0``, ``v_pre_cond``, ``v_pre_uncond``: ``[N, ...]`` fp32 or
@@ -49,14 +53,16 @@ def crd_loss(v: torch.Tensor, v_old: torch.Tensor, u: torch.Tensor, v_pre_cond: 
     ``group_ids`` ``[N]`` integers. ``centering``: ``"group"`` (exact per prompt) or ``"batch"`` (micro-batch mean).
     ``group_mean_fn(values [N, k], group_ids) -> [N, k]``: per-sample group means of detached scalars; the default
     uses this micro-batch only, a distributed caller passes one that gathers across ranks (groups split over ranks).
+    ``ratio_weight`` ``[N]`` (positive; None = the adaptive weights ``mean_pix|v - u|``, ``mean_pix|v_old - u|``)
+    replaces ``w_th`` and ``w_old`` by one fixed weight per sample (the ELBO weighting of ``crd.log_ratio: elbo``).
     The fused path reads the five latents once forward and ``v, u, v_pre_*`` once backward, writing ``dL/dv``.
     Stats (per sample): ``log_ratio``, ``kl``, ``w_th``, ``w_old``, ``kl_coef``, ``lc``, ``rc``, ``e``; 0-d:
     ``loss_crd``, ``loss_kl``.
     """
     validate.crd_loss(v, v_old, u, v_pre_cond, v_pre_uncond, r01, rho, group_ids, beta, adv_clip, kl_beta, kl_min,
-                      centering)
+                      centering, ratio_weight)
     kwargs = dict(beta=beta, adv_clip=adv_clip, cfg_scale=cfg_scale, kl_beta=kl_beta, kl_min=kl_min,
-                  centering=centering, group_mean_fn=group_mean_fn)
+                  centering=centering, group_mean_fn=group_mean_fn, ratio_weight=ratio_weight)
     if resolve_backend(backend, v, v_old, u, v_pre_cond, v_pre_uncond) == "torch":
         return reference.crd_loss(v, v_old, u, v_pre_cond, v_pre_uncond, r01, rho, group_ids, **kwargs)
     return triton_module("crd").crd_loss(v, v_old, u, v_pre_cond, v_pre_uncond, r01, rho, group_ids, **kwargs)

@@ -25,6 +25,11 @@ GroupMeanFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Floors of the spec (methods.md): the std floor of the advantage, the weight floor of the adaptive weights, and the
 # epsilon of the FDFO direction normalisation.
 STD_FLOOR = 1e-6
+#: the official DiffusionNFT trainer's additive std floor: ``A = (R - mean) / (std + 1e-4)``
+STD_FLOOR_ADDITIVE = 1e-4
+#: ``std_floor`` names of :func:`group_advantages`: ``max`` = ``max(std, STD_FLOOR)``, ``additive`` =
+#: ``std + STD_FLOOR_ADDITIVE``
+STD_FLOORS = ("max", "additive")
 WEIGHT_FLOOR = 1e-5
 FDFO_EPS = 1e-6
 
@@ -83,19 +88,30 @@ def local_group_mean(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------------------- 1. group advantages
+def floored_std(std: torch.Tensor, std_floor: str = "max") -> torch.Tensor:
+    """The std that divides the advantages: ``max(std, 1e-6)`` (``"max"``) or ``std + 1e-4`` (``"additive"``, the
+    official DiffusionNFT trainer's ``flow_grpo/stat_tracking.py``)."""
+    return std + STD_FLOOR_ADDITIVE if std_floor == "additive" else std.clamp_min(STD_FLOOR)
+
+
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, global_std: bool = True,
-                     adv_clip: float = 5.0) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+                     adv_clip: float = 5.0, std_floor: str = "max"
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Grouped centering of rewards (methods.md section 1).
 
-    ``A_i = (R_i - mean_{g(i)} R) / max(std, 1e-6)`` with ``std`` the population std (ddof 0) of all rewards
-    (``global_std=True``) or of the sample's group; ``r_i = clip(0.5 + clip(A_i, -A_max, A_max) / (2 A_max), 0, 1)``.
+    ``A_i = (R_i - mean_{g(i)} R) / max(std, 1e-6)`` (``std_floor="max"``) or ``/ (std + 1e-4)``
+    (``std_floor="additive"``, the official DiffusionNFT trainer's floor) with ``std`` the population std (ddof 0) of
+    all rewards (``global_std=True``) or of the sample's group;
+    ``r_i = clip(0.5 + clip(A_i, -A_max, A_max) / (2 A_max), 0, 1)``.
 
     Documented behaviour: a group whose rewards are all equal (a one-member group in particular) gets ``A = 0``
-    exactly, in both std modes (its centered reward is 0; setting it exactly removes the rounding of the mean).
+    exactly, in both std modes and with both floors (its centered reward is 0; setting it exactly removes the
+    rounding of the mean).
 
     Returns ``(adv, r01, stats)``: ``adv`` the clipped advantage ``[N]`` (fp32), ``r01`` in [0, 1] ``[N]``, and
     stats: ``zero_std_fraction`` (0-d, fraction of groups with all-equal rewards), ``num_groups`` (0-d),
-    ``std`` (per-sample std used), ``group_mean`` (per sample), ``adv_raw`` (unclipped advantage), ``group_index``.
+    ``std`` (per-sample std before the floor; :func:`floored_std` of it divides), ``group_mean`` (per sample),
+    ``adv_raw`` (unclipped advantage), ``group_index``.
     """
     dtype = compute_dtype(rewards)
     r = rewards.reshape(-1).to(dtype)
@@ -115,7 +131,7 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, global_s
     flat_group = gmax == gmin  # [N] indexed by group (unused slots: -big != big -> False)
     zero_std = flat_group[inverse]
 
-    adv_raw = torch.where(zero_std, torch.zeros_like(r), centered / std.clamp_min(STD_FLOOR))
+    adv_raw = torch.where(zero_std, torch.zeros_like(r), centered / floored_std(std, std_floor))
     adv = adv_raw.clamp(-adv_clip, adv_clip)
     r01 = (0.5 + adv / (2.0 * adv_clip)).clamp(0.0, 1.0)
     stats = {
@@ -165,11 +181,13 @@ def crd_per_sample(l: torch.Tensor, kl: torch.Tensor, r01: torch.Tensor, rho: to
 def crd_loss(v: torch.Tensor, v_old: torch.Tensor, u: torch.Tensor, v_pre_cond: torch.Tensor,
              v_pre_uncond: torch.Tensor, r01: torch.Tensor, rho: torch.Tensor, group_ids: torch.Tensor, *,
              beta: float = 1.0, adv_clip: float = 5.0, cfg_scale: float = 4.5, kl_beta: float = 0.1,
-             kl_min: float = 1e-4, centering: str = "group", group_mean_fn: GroupMeanFn | None = None
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             kl_min: float = 1e-4, centering: str = "group", group_mean_fn: GroupMeanFn | None = None,
+             ratio_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Centered Reward Distillation loss of one micro-batch at one timestep (methods.md section 2, step 5).
 
-    - ``w_th = sg(max(mean_pix|v - u|, 1e-5))``, ``w_old = max(mean_pix|v_old - u|, 1e-5)``;
+    - ``w_th = sg(max(mean_pix|v - u|, 1e-5))``, ``w_old = max(mean_pix|v_old - u|, 1e-5)`` (the adaptive weights);
+      ``ratio_weight [N]`` replaces both by a fixed per-sample weight (CRD's ``log_ratio: elbo`` passes
+      ``sigma / ((1 - sigma) D)``, making ``l`` the ELBO difference in nats);
     - ``l_i = -mean_pix[(v - u)^2 / w_th - (v_old - u)^2 / w_old]`` (implicit reward / log-ratio estimate);
     - ``kl_i = mean_pix (v - v_cfg)^2`` with the CFG anchor ``v_cfg = v_uncond + cfg_scale (v_cond - v_uncond)``;
     - centering, loss and the adaptive KL coefficient ``c_i = kl_min + (kl_beta - kl_min) rho_i``:
@@ -186,8 +204,11 @@ def crd_loss(v: torch.Tensor, v_old: torch.Tensor, u: torch.Tensor, v_pre_cond: 
     u32, vo32 = flat(u, dt).detach(), flat(v_old, dt).detach()
     v_cfg = cfg_combine(flat(v_pre_cond, dt), flat(v_pre_uncond, dt), cfg_scale).detach()
 
-    w_th = mean_pix((v32 - u32).abs()).clamp_min(WEIGHT_FLOOR).detach()
-    w_old = mean_pix((vo32 - u32).abs()).clamp_min(WEIGHT_FLOOR)
+    if ratio_weight is None:
+        w_th = mean_pix((v32 - u32).abs()).clamp_min(WEIGHT_FLOOR).detach()
+        w_old = mean_pix((vo32 - u32).abs()).clamp_min(WEIGHT_FLOOR)
+    else:
+        w_th = w_old = ratio_weight.reshape(-1).to(dt).detach()
     # -(a - b) written as b - a: the same number, but +0.0 (not -0.0) when v == v_old
     log_ratio = mean_pix((vo32 - u32).square()) / w_old - mean_pix((v32 - u32).square()) / w_th
     kl = mean_pix((v32 - v_cfg).square())

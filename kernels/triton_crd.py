@@ -81,7 +81,7 @@ class _CRDSums(torch.autograd.Function):
     """``v -> (l, kl)`` per sample, with ``w_th``/``w_old`` as non-differentiable outputs."""
 
     @staticmethod
-    def forward(ctx, v, v_old, u, v_pre_cond, v_pre_uncond, cfg_scale, block, steps):
+    def forward(ctx, v, v_old, u, v_pre_cond, v_pre_uncond, cfg_scale, block, steps, ratio_weight):
         v2, vo2, u2, pc2, pu2 = (rows2d(t) for t in (v, v_old, u, v_pre_cond, v_pre_uncond))
         n, d = v2.shape
         geo = launch(n, d, block=block, steps=steps)
@@ -89,8 +89,11 @@ class _CRDSums(torch.autograd.Function):
         _crd_fwd_kernel[(n, geo.chunks)](v2, vo2, u2, pc2, pu2, part, d, geo.chunks, float(cfg_scale),
                                          BLOCK=geo.block, STEPS=geo.steps, num_warps=geo.num_warps)
         s1v, s1o, s2v, s2o, skl = row_sums(part).unbind(1)
-        w_th = (s1v / d).clamp_min(reference.WEIGHT_FLOOR)
-        w_old = (s1o / d).clamp_min(reference.WEIGHT_FLOOR)
+        if ratio_weight is None:  # the adaptive weights
+            w_th = (s1v / d).clamp_min(reference.WEIGHT_FLOOR)
+            w_old = (s1o / d).clamp_min(reference.WEIGHT_FLOOR)
+        else:  # a fixed per-sample weight (the ELBO's): the backward uses it exactly as w_th
+            w_th = w_old = ratio_weight.reshape(-1).float().contiguous()
         log_ratio = (s2o / d) / w_old - (s2v / d) / w_th
         kl = skl / d
         ctx.save_for_backward(v2, u2, pc2, pu2, w_th)
@@ -111,14 +114,16 @@ class _CRDSums(torch.autograd.Function):
         dv = torch.empty((n, d), dtype=dtype, device=v2.device)
         _crd_bwd_kernel[(n, geo.chunks)](v2, u2, pc2, pu2, coef_l, coef_kl, dv, d, cfg_scale,
                                          BLOCK=geo.block, STEPS=geo.steps, num_warps=geo.num_warps)
-        return dv.reshape(shape), None, None, None, None, None, None, None
+        return dv.reshape(shape), None, None, None, None, None, None, None, None
 
 
 def crd_loss(v, v_old, u, v_pre_cond, v_pre_uncond, r01, rho, group_ids, *, beta=1.0, adv_clip=5.0,
-             cfg_scale=4.5, kl_beta=0.1, kl_min=1e-4, centering="group", group_mean_fn=None, block=None, steps=None):
+             cfg_scale=4.5, kl_beta=0.1, kl_min=1e-4, centering="group", group_mean_fn=None, ratio_weight=None,
+             block=None, steps=None):
     """Fused CRD loss; same contract as :func:`kernels.reference.crd_loss` (``block``/``steps`` force a geometry)."""
     log_ratio, kl, w_th, w_old = _CRDSums.apply(v, v_old.detach(), u.detach(), v_pre_cond.detach(),
-                                                v_pre_uncond.detach(), cfg_scale, block, steps)
+                                                v_pre_uncond.detach(), cfg_scale, block, steps,
+                                                None if ratio_weight is None else ratio_weight.detach())
     loss, stats = reference.crd_per_sample(log_ratio, kl, r01.reshape(-1).float().detach(),
                                            rho.reshape(-1).float().detach(), group_ids, beta=beta,
                                            adv_clip=adv_clip, kl_beta=kl_beta, kl_min=kl_min, centering=centering,

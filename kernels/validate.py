@@ -10,6 +10,8 @@ from typing import Sequence
 
 import torch
 
+from kernels.reference import STD_FLOORS
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 CENTERINGS = ("group", "batch")
@@ -67,8 +69,11 @@ def finite(fn: str, name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{fn}: `{name}` contains NaN or inf values; drop or fix those samples before calling.")
 
 
-def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, adv_clip: float) -> None:
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, adv_clip: float, std_floor: str = "max"
+                     ) -> None:
     fn = "group_advantages"
+    if std_floor not in STD_FLOORS:
+        raise ValueError(f"{fn}: `std_floor` must be one of {STD_FLOORS}, got {std_floor!r}.")
     if not isinstance(rewards, torch.Tensor) or rewards.ndim != 1:
         raise ValueError(f"{fn}: `rewards` must be a 1-D tensor [N], got "
                          f"{tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__}.")
@@ -81,12 +86,14 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, adv_clip: f
 
 
 def crd_loss(v, v_old, u, v_pre_cond, v_pre_uncond, r01, rho, group_ids, beta, adv_clip, kl_beta, kl_min,
-             centering) -> tuple[int, int]:
+             centering, ratio_weight=None) -> tuple[int, int]:
     fn = "crd_loss"
     n, d = latents(fn, ("v", "v_old", "u", "v_pre_cond", "v_pre_uncond"), (v, v_old, u, v_pre_cond, v_pre_uncond))
     per_sample(fn, "r01", r01, n, v.device)
     per_sample(fn, "rho", rho, n, v.device)
     per_sample(fn, "group_ids", group_ids, n, v.device, integer=True)
+    if ratio_weight is not None:
+        per_sample(fn, "ratio_weight", ratio_weight, n, v.device)
     positive(fn, beta=beta, adv_clip=adv_clip)
     if kl_beta < 0 or kl_min < 0:
         raise ValueError(f"crd_loss: `kl_beta` and `kl_min` must be >= 0, got {kl_beta} and {kl_min}.")

@@ -4,7 +4,8 @@
 thread) and prints one JSON line: every numeric per-optimizer-step metric and a SHA-256 per tensor of the model's
 final state (trainable adapters, snapshots, frozen base). ``tests/golden/behaviour.json`` holds what the engine gave
 BEFORE the "one house" refactor (recorded at commit 0a28f68); ``tests/test_behaviour_unchanged.py`` checks that
-today's engine reproduces it bit for bit. Not a test module itself (spawned workers import it).
+today's engine reproduces it bit for bit (its ``nft`` entry re-recorded on 2026-12-03 for the official DiffusionNFT
+std floor and timestep choice). Not a test module itself (spawned workers import it).
 """
 from __future__ import annotations
 

@@ -1,7 +1,10 @@
 """Behaviour pinned across refactors: short CPU runs of every method (testbed CRD/NFT/FDFO/DIDR, a tiny SD3 CRD run)
 give, bit for bit, the per-step metrics and final weights recorded before the "one house" refactor
 (``tests/golden/behaviour.json``, made by ``tests/behaviour_runs.py`` at commit 0a28f68, torch 2.13.0+cpu, one
-thread). A change of any loss, gradient, draw or update order changes a float or a weight digest here."""
+thread). A change of any loss, gradient, draw or update order changes a float or a weight digest here.
+The ``nft`` entry was re-recorded on 2026-12-03 (same procedure: one thread, ``python -m tests.behaviour_runs nft``)
+because NFT's defaults now follow the official DiffusionNFT trainer (additive std floor ``std + 1e-4``, K of ALL N
+sampler sigmas); every other entry is still the 0a28f68 recording, byte for byte."""
 from __future__ import annotations
 
 import json

@@ -72,12 +72,14 @@ def geometry(geo):
 
 
 @pytest.mark.parametrize("n,shape,dtype,geo", CASES, ids=IDS)
-@pytest.mark.parametrize("centering", ["group", "batch"])
-def test_crd_fused_matches_reference(n, shape, dtype, geo, centering):
+@pytest.mark.parametrize("centering,weights", [("group", "adaptive"), ("batch", "adaptive"), ("group", "fixed")])
+def test_crd_fused_matches_reference(n, shape, dtype, geo, centering, weights):
     v, v_old, u, pc, pu = make(n, shape, dtype, seed=n, count=5)
     g = torch.Generator().manual_seed(1)
     r01, rho, ids = torch.rand(n, generator=g), torch.rand(n, generator=g), shuffled_groups(n, seed=2)
     kw = dict(beta=0.9, adv_clip=5.0, cfg_scale=4.5, kl_beta=0.1, kl_min=1e-4, centering=centering)
+    if weights == "fixed":  # crd.log_ratio: elbo's per-sample weights replace the adaptive ones
+        kw["ratio_weight"] = 0.05 + torch.rand(n, generator=g)
     (lf, sf, gf), (lr, sr, gr) = run_both(
         lambda x: triton_crd.crd_loss(x, v_old, u, pc, pu, r01, rho, ids, **kw, **geometry(geo)),
         lambda x: reference.crd_loss(x, v_old, u, pc, pu, r01, rho, ids, **kw), v)

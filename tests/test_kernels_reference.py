@@ -120,6 +120,25 @@ def test_crd_gradient_formula_of_methods_md(centering):
     torch.testing.assert_close(v.grad, formula, rtol=1e-12, atol=1e-14)
 
 
+def test_crd_elbo_weight_makes_the_log_ratio_the_elbo_difference_in_nats():
+    """``crd.log_ratio: elbo``: with ``ratio_weight = sigma / ((1 - sigma) D)`` the log-ratio is
+    ``(1 - sigma)/sigma sum_pix[(v_old - u)^2 - (v - u)^2]`` (VDM's ELBO weighting), and the gradient is the
+    methods.md formula with ``w_th`` replaced by that weight."""
+    from engine.methods.crd import elbo_weight
+    n, d = 9, 6
+    v, v_old, u, pc, pu, r01, rho, ids = crd_inputs(n, d)
+    sigma = torch.linspace(0.1, 0.95, n, dtype=F64)
+    w = elbo_weight(sigma, v).double()
+    loss, st = reference.crd_loss(v, v_old, u, pc, pu, r01, rho, ids, beta=0.7, kl_beta=0.0, kl_min=0.0,
+                                  ratio_weight=w)
+    want = (1 - sigma) / sigma * ((v_old - u).square().sum(1) - (v.detach() - u).square().sum(1))
+    torch.testing.assert_close(st["log_ratio"], want, rtol=1e-6, atol=1e-9)  # elbo_weight is fp32
+    loss.backward()
+    e = (0.7 * st["lc"] - st["rc"])[:, None]
+    formula = (2 * 5.0 / n) * e * (-(2 / d) * (v.detach() - u) / w[:, None])
+    torch.testing.assert_close(v.grad, formula, rtol=1e-12, atol=1e-14)
+
+
 def test_crd_log_ratio_exactly_zero_on_policy():
     v, _, u, pc, pu, r01, rho, ids = crd_inputs(9, 13, dtype=torch.float32)
     _, st = reference.crd_loss(v, v.detach().clone(), u, pc, pu, r01, rho, ids)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from kernels.reference import STD_FLOOR
+from kernels.reference import floored_std
 from engine.batch import eligible_timesteps
 from engine.nvtx_ranges import nvtx_range
 from engine.runlog import StepStats
@@ -48,10 +48,12 @@ class Advantages:
     keep: torch.Tensor
     all_keep: bool
     metrics: dict
+    #: the raw reward R per local sample (CRD's ``reward_scale: raw``; 0 where the reward failed), or None
+    raw: torch.Tensor | None = None
 
 
 def grouped_advantages(ctx, ro, scores: dict, *, global_std: bool, adv_clip: float, rho_mode: str = "advantage",
-                       reward_range: tuple[float, float] = (0.0, 1.0)) -> Advantages:
+                       reward_range: tuple[float, float] = (0.0, 1.0), std_floor: str = "max") -> Advantages:
     """Section 1 over ALL ranks' samples (gathered detached scalars), then this rank's slice.
 
     Samples whose reward is NaN or failed drop their whole group from the update (counted, warned); above
@@ -77,16 +79,17 @@ def grouped_advantages(ctx, ro, scores: dict, *, global_std: bool, adv_clip: flo
     if Rk.numel():
         with nvtx_range("advantages/group"):
             _, r01, stats = kernels.group_advantages(Rk, G_ids[keep_all], global_std=global_std, adv_clip=adv_clip,
-                                                     backend=ctx.cfg.train.kernel_backend)
+                                                     std_floor=std_floor, backend=ctx.cfg.train.kernel_backend)
         r01_all[keep_all] = r01
         inv = stats["group_index"]
         gsum = torch.zeros_like(r01).index_add_(0, inv, r01)
         gcnt = torch.zeros_like(r01).index_add_(0, inv, torch.ones_like(r01))
         rc_all[keep_all] = r01 - (gsum / gcnt.clamp_min(1))[inv]
         metrics["zero_std_fraction"] = float(stats["zero_std_fraction"])
-        # the std(R) that divides the advantages (global, or each sample's group's; floored as the kernel does):
-        # it sets the temperature of the fixed point in reward units (CRD logs crd/beta_eff from it)
-        metrics["advantage/std"] = float(stats["std"].clamp_min(STD_FLOOR).mean())
+        # the std(R) that divides the advantages (global, or each sample's group's; floored as the kernel does,
+        # max(std, 1e-6) or std + 1e-4 by ``std_floor``): it sets the temperature of the fixed point in reward units
+        # (CRD logs crd/beta_eff from it)
+        metrics["advantage/std"] = float(floored_std(stats["std"], std_floor).mean())
         metrics["reward/mean"] = float(Rk.mean())
         metrics["reward/std"] = float(Rk.std(unbiased=False))
         for k, v in scores.items():  # every component's mean/std (logged once per epoch)
@@ -118,18 +121,95 @@ class TrainPoints:
     eps: torch.Tensor
 
 
-def draw_points(ctx, ro) -> TrainPoints:
-    """K timesteps per sample: a random subset of the sampler's own sigmas, excluding the cleanest
-    ``1 - timestep_fraction`` (``int(N * fraction)`` noisiest are eligible); one fresh eps per (sample, timestep)."""
+#: ``timestep_choice`` of :func:`draw_points` (the method's ``timestep_choice`` option; CRD has none: fraction)
+TIMESTEP_CHOICES = ("fraction", "official")
+#: sigma floor of the continuous draws (``train.timestep_sampling`` uniform / logit_normal): never sigma = 0
+CONTINUOUS_SIGMA_MIN = 1e-3
+
+
+def eligible_pool(num_steps: int, timestep_fraction: float, choice: str) -> int:
+    """How many of the sampler's sigmas (noisiest first) the draw picks from: ``int(N * fraction)`` (``fraction``)
+    or all ``N`` (``official``)."""
+    if choice not in TIMESTEP_CHOICES:
+        raise ValueError(f"timestep_choice must be one of {TIMESTEP_CHOICES}, got {choice!r}")
+    return num_steps if choice == "official" else eligible_timesteps(num_steps, timestep_fraction)
+
+
+def timestep_keys(ro, layout, sharing: str) -> tuple[torch.Tensor, Stream]:
+    """Per local sample, the key of its timestep draw and the stream: the global sample index (``sample``,
+    ``Stream.TIMESTEPS``), the group id (``group``), or the number ``b = s * a + j`` of its GLOBAL micro-batch in
+    the epoch (``micro_batch``: optimizer step ``s``, micro-batch ``j`` of the step; every rank's chunk of it
+    shares ``b = global_idx // (W * m)``, see :class:`engine.batch.BatchLayout`). All three are the same on every
+    rank and for any world size with the same global micro-batch, so resumed and re-sharded runs draw alike."""
+    if sharing == "sample":
+        return ro.global_idx, Stream.TIMESTEPS
+    if sharing == "group":
+        return ro.group_ids.cpu(), Stream.TIMESTEPS_GROUP
+    if sharing == "micro_batch":
+        return ro.global_idx.cpu() // layout.global_micro_batch, Stream.TIMESTEPS_MICRO_BATCH
+    raise ValueError(f"train.timestep_sharing must be sample, group or micro_batch, got {sharing!r}")
+
+
+def continuous_sigmas(keys: torch.Tensor, k: int, *, lo: float, hi: float, sampling: str, seed: int, epoch: int,
+                      stream: int, logit_normal: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """``[n, k]`` float32 continuous sigmas in ``[lo, hi]``, row i from the keyed normal draw ``z`` of ``keys[i]``
+    (:func:`engine.rollout.sample_noise`): ``uniform`` ``lo + (hi - lo) Phi(z)`` (``Phi(z) ~ U(0, 1)`` exactly in
+    distribution), ``logit_normal`` ``clamp(sigmoid(mean + std z), lo, hi)``; fp64 arithmetic, then fp32 (the
+    rounding is monotone, so the fp32 values stay in ``[lo, hi]``)."""
+    z = sample_noise(keys, (k,), seed=seed, epoch=epoch, stream=stream, dtype=torch.float64)
+    if sampling == "uniform":
+        u = 0.5 * torch.erfc(-z / 2 ** 0.5)
+        sigma = lo + (hi - lo) * u
+    elif sampling == "logit_normal":
+        mean, std = logit_normal
+        sigma = torch.sigmoid(mean + std * z)
+    else:
+        raise ValueError(f"train.timestep_sampling must be uniform or logit_normal here, got {sampling!r}")
+    return sigma.clamp(lo, hi).to(torch.float32)
+
+
+def draw_points(ctx, ro, *, choice: str | None = None) -> TrainPoints:
+    """K training sigmas per sample and one fresh eps per (sample, timestep), drawn once per epoch (no host sync in
+    the micro-steps), keyed by ``(seed, epoch, stream, key)`` so every world size and a resumed run draw the same.
+
+    Which sigmas (``choice``; default the method's ``timestep_choice`` option, ``fraction`` for CRD):
+    - ``fraction``: K distinct entries of the sampler's table among its ``int(N * train.timestep_fraction)``
+      noisiest (the cleanest ``1 - fraction`` excluded; N = 10, fraction 0.99: the first 9);
+    - ``official`` (NFT's default): what the official DiffusionNFT trainer does (NVlabs/DiffusionNFT
+      ``scripts/train_nft_sd3.py``: every sample stores ALL N ``scheduler.timesteps``, line 662; one
+      ``torch.randperm(N)`` per sample shuffles them, lines 810-816; the first
+      ``num_train_timesteps = int(N * timestep_fraction)`` columns are trained, lines 569, 854-864): per sample
+      independently, K distinct table entries (without replacement) from all N nonzero sigmas, the cleanest
+      included (N = 10, fraction 0.99: 9 of the 10, one random step left out); its ``t = timesteps / 1000`` are
+      the table's first N sigmas. (Its permutation comes from each rank's global RNG; ours is keyed per sample.)
+    ``train.timestep_sharing`` says who shares a draw (:func:`timestep_keys`): ``sample`` (independent), ``group``
+    (all members of a prompt group), ``micro_batch`` (every sample of one global micro-batch, all ranks).
+    ``train.timestep_sampling``: ``discrete`` (table entries, as above) or continuous (:func:`continuous_sigmas`)
+    over ``[sigma_min, sigma_max]`` = [the smallest eligible table sigma (at least 1e-3), the largest], so sigma
+    is never 0: ``uniform`` or ``logit_normal`` ``sigmoid(N(mean, std))`` (``train.logit_normal``) clamped to that
+    range (its mass below ``sigma_min`` lands ON ``sigma_min``); K independent values per key.
+    The defaults (``fraction``, ``sample``, ``discrete``) are the original draw, bit for bit.
+    """
     cfg, layout = ctx.cfg, ctx.layout
+    tc = cfg.train
     table = ctx.sigmas()
-    pool = eligible_timesteps(cfg.rollout.num_steps, cfg.train.timestep_fraction)
-    choice = sample_subsets(ro.global_idx, pool, layout.timesteps, seed=cfg.seed, epoch=ro.epoch,
-                            stream=Stream.TIMESTEPS).to(table.device)
+    choice = choice or getattr(cfg.algo, "timestep_choice", "fraction")
+    pool = eligible_pool(cfg.rollout.num_steps, tc.timestep_fraction, choice)
+    keys, stream = timestep_keys(ro, layout, tc.timestep_sharing)
+    if tc.timestep_sampling == "discrete":
+        picks = sample_subsets(keys, pool, layout.timesteps, seed=cfg.seed, epoch=ro.epoch,
+                               stream=stream).to(table.device)
+        sigma = table[picks]
+    else:
+        ends = table[[0, pool - 1]].double().cpu().tolist()  # once per epoch
+        lo, hi = max(min(ends), CONTINUOUS_SIGMA_MIN), max(ends)
+        sigma = continuous_sigmas(keys, layout.timesteps, lo=lo, hi=hi, sampling=tc.timestep_sampling, seed=cfg.seed,
+                                  epoch=ro.epoch, stream=stream,
+                                  logit_normal=tuple(tc.logit_normal)).to(table.device)
     shape = tuple(ro.x0.shape[1:])
     eps = sample_noise(ro.global_idx, (layout.timesteps, *shape), seed=cfg.seed, epoch=ro.epoch,
                        stream=Stream.TRAIN_NOISE, device=ro.x0.device, dtype=ro.x0.dtype)
-    return TrainPoints(sigma=table[choice], eps=eps)
+    return TrainPoints(sigma=sigma, eps=eps)
 
 
 def noisy(x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -221,10 +301,11 @@ class TimestepInputs:
         return args if self.keep is None else tuple(a[self.keep] for a in args)
 
 
-def forward_process_update(ctx, ro, adv: Advantages, *, anchor, loss) -> list[dict]:
+def forward_process_update(ctx, ro, adv: Advantages, *, anchor, loss, reference: str = "old") -> list[dict]:
     """The micro-step skeleton of the forward-process methods (CRD, NFT); per optimizer step its metrics.
 
-    K stored timesteps per sample and their ``v_old`` once per epoch, then per optimizer step, per micro-batch
+    K stored timesteps per sample and their ``v_old`` once per epoch (the velocities of the ``reference`` adapter:
+    ``old``, or ``pretrained`` for CRD's ``ratio_reference: pretrained``), then per optimizer step, per micro-batch
     (its K timesteps stacked into one pass, or one pass per timestep): the policy forward; ``anchor(mb, v_all)``
     under no_grad (a tuple of whole-micro-batch tensors); ``loss(t: TimestepInputs) -> (loss, {name: per-sample
     values})`` per timestep (the method's kernel and what it logs); ONE backward of the covered timesteps' summed
@@ -234,7 +315,7 @@ def forward_process_update(ctx, ro, adv: Advantages, *, anchor, loss) -> list[di
     layout = ctx.layout
     pts = draw_points(ctx, ro)
     with nvtx_range("train/old_forward"):
-        v_old = snapshot_velocities(ctx, ro, pts, "old")
+        v_old = snapshot_velocities(ctx, ro, pts, reference)
     keep_host = adv.keep.cpu()  # groups dropped for a bad reward (known once per epoch, on the host)
     passes = 1 if ctx.cfg.train.stack_timesteps else layout.timesteps  # micro_batches per micro-batch rows
     stats, results = StepStats(), []

@@ -36,15 +36,29 @@ from engine.rollout import ode_rollout
 from engine.snapshots import Schedule
 
 RHO_MODES = ("reward", "advantage", "batch_reward")
+REWARD_SCALES = ("normalized", "raw")
+RATIO_REFERENCES = ("old", "pretrained")
+LOG_RATIOS = ("adaptive", "elbo")
 
 
 @dataclass
 class CRDConfig:
     """CRD options (YAML section ``crd``)."""
 
-    beta: float = opt(1.0, "KL-regularisation temperature of the target, on the NORMALISED reward r = 0.5 + "
-                           "clip(A)/(2 adv_clip) (methods.md section 2: in raw reward units the fixed point's "
-                           "temperature is 2 adv_clip beta std(R))")
+    beta: float = opt(1.0, "temperature of the target p_ref exp(r / beta): with reward_scale normalized r = 0.5 + "
+                           "clip(A)/(2 adv_clip), so in reward units the fixed point's temperature is beta_eff = "
+                           "2 adv_clip beta std(R) (logged as crd/beta_eff); with reward_scale raw beta is in reward "
+                           "units itself")
+    reward_scale: str = opt("normalized", "what the loss matches: normalized (r of the grouped advantages, the first "
+                                          "author's trainer: the temperature moves with std(R)) | raw (the raw reward "
+                                          "R, centered per group: the target is exactly p_ref exp(R / beta))")
+    ratio_reference: str = opt("old", "the log-ratio's reference: old (theta_old, the moving snapshot; the author's "
+                                      "use_old_for_loss) | pretrained (the frozen pretrained model, no CFG: the target "
+                                      "is then p_pretrained exp(r / beta) for every epoch)")
+    log_ratio: str = opt("adaptive", "the implicit reward's estimator: adaptive (the author's: squared errors divided "
+                                     "by the per-sample mean |v - u|) | elbo (the ELBO difference in nats, "
+                                     "(1 - sigma)/sigma sum_pix[(v_ref - u)^2 - (v - u)^2]: the log-ratio the theory's "
+                                     "fixed point p_ref exp(R / beta) is stated in)")
     adv_clip: float = opt(5.0, "A_max: advantages A = (R - mean_group R) / std(R) are clipped to [-A_max, A_max]")
     global_std: bool = opt(True, "std(R) of the advantages over the whole epoch (false: per group)")
     cfg_scale: float = opt(4.5, "w_kl: CFG scale of the pretrained anchor the KL term pulls towards")
@@ -67,6 +81,13 @@ class CRDConfig:
     def validate(self, cfg) -> None:
         if self.rho not in RHO_MODES:
             raise ConfigError(f"config key 'crd.rho' must be one of {', '.join(RHO_MODES)}, got {self.rho!r}")
+        if self.reward_scale not in REWARD_SCALES:
+            raise ConfigError(f"config key 'crd.reward_scale' must be normalized or raw, got {self.reward_scale!r}")
+        if self.ratio_reference not in RATIO_REFERENCES:
+            raise ConfigError(f"config key 'crd.ratio_reference' must be old or pretrained, "
+                              f"got {self.ratio_reference!r}")
+        if self.log_ratio not in LOG_RATIOS:
+            raise ConfigError(f"config key 'crd.log_ratio' must be adaptive or elbo, got {self.log_ratio!r}")
         if self.centering not in ("group", "batch"):
             raise ConfigError(f"config key 'crd.centering' must be group or batch, got {self.centering!r}")
         if self.beta <= 0 or self.adv_clip <= 0:
@@ -90,12 +111,16 @@ class CRD(Method):
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         self.exact_groups = self.opt.centering == "group"
-        self.adapters = ("policy", "old", "sampler") + (("ema",) if self.opt.ema_schedule else ())
+        # the log-ratio's reference: the moving snapshot theta_old, or the frozen pretrained model (no old kept)
+        self.reference = "old" if self.opt.ratio_reference == "old" else "pretrained"
+        self.adapters = (("policy", "old", "sampler") if self.reference == "old" else ("policy", "sampler")) + \
+            (("ema",) if self.opt.ema_schedule else ())
 
     def schedules(self) -> dict[str, Schedule]:
         o = self.opt
-        out = {"old": Schedule.parse(o.old_schedule, "crd.old_schedule"),
-               "sampler": Schedule.parse(o.sampler_schedule, "crd.sampler_schedule")}
+        out = {"sampler": Schedule.parse(o.sampler_schedule, "crd.sampler_schedule")}
+        if self.reference == "old":
+            out = {"old": Schedule.parse(o.old_schedule, "crd.old_schedule"), **out}
         if o.ema_schedule:
             out["ema"] = Schedule.parse(o.ema_schedule, "crd.ema_schedule")
         return out
@@ -110,7 +135,10 @@ class CRD(Method):
         adv = grouped_advantages(ctx, ro, scores, global_std=o.global_std, adv_clip=o.adv_clip,
                                  rho_mode=o.rho if o.adaptive_kl else "advantage",
                                  reward_range=tuple(o.reward_range))
-        if "advantage/std" in adv.metrics:
+        if o.reward_scale == "raw":  # the loss centers R itself per group: the target is p_ref exp(R / beta)
+            adv.raw = torch.nan_to_num(scores["reward"].to(ctx.dist.device, torch.float32), nan=0.0)
+            adv.metrics["crd/beta_eff"] = o.beta
+        elif "advantage/std" in adv.metrics:
             # the target is p_ref exp(r / beta) in the normalised r = 0.5 + clip(A)/(2 A_max), A = (R - mean)/std:
             # in reward units p_ref exp(R / beta_eff), beta_eff = 2 A_max beta std(R) (with per-group std: the mean)
             adv.metrics["crd/beta_eff"] = 2 * o.adv_clip * o.beta * adv.metrics["advantage/std"]
@@ -119,6 +147,7 @@ class CRD(Method):
     def update(self, ctx, ro, adv) -> list[dict]:
         o, layout, dist = self.opt, ctx.layout, ctx.dist
         rho = adv.rho if o.adaptive_kl else torch.ones_like(adv.rho)  # c_i = kl_beta when not adaptive
+        reward = adv.raw if o.reward_scale == "raw" else adv.r01
         # kl_beta = 0 means no KL at all, so kl_min (the adaptive floor) must not keep a (1 - rho) anchor alive
         need_anchor = o.kl_beta > 0
         kl_min = o.kl_min if need_anchor else 0.0
@@ -132,7 +161,8 @@ class CRD(Method):
         def loss(t):
             sl = t.rows
             v_pc, v_pu = (t.part(a) for a in t.anchor)
-            args = t.kept(t.v, t.v_old, t.part(t.mb.u), v_pc, v_pu, adv.r01[sl], rho[sl], ro.group_ids[sl])
+            args = t.kept(t.v, t.v_old, t.part(t.mb.u), v_pc, v_pu, reward[sl], rho[sl], ro.group_ids[sl],
+                          *(() if o.log_ratio == "adaptive" else (elbo_weight(t.part(t.mb.sigma), t.v),)))
             # centering over the global micro-batch (groups straddling ranks): group means of detached scalars
             # gathered from every rank (a collective: every rank calls it)
             mean_fn = None if local_centering else gathered_group_mean(dist, sl.stop - sl.start, t.keep,
@@ -141,11 +171,14 @@ class CRD(Method):
                 if mean_fn is not None:
                     mean_fn(args[0].new_zeros(0, 2, dtype=torch.float32), args[7])
                 return t.v.sum() * 0.0, {}
-            value, st = kernels.crd_loss(*args, beta=o.beta, adv_clip=o.adv_clip, cfg_scale=o.cfg_scale,
+            value, st = kernels.crd_loss(*args[:8], ratio_weight=args[8] if len(args) > 8 else None, beta=o.beta, adv_clip=o.adv_clip, cfg_scale=o.cfg_scale,
                                          kl_beta=o.kl_beta, kl_min=kl_min,
                                          centering="group" if mean_fn else o.centering, group_mean_fn=mean_fn,
                                          backend=ctx.cfg.train.kernel_backend)
             logged = {name: st[name] for name in ("log_ratio", "kl", "kl_coef", "lc") if name in st}
+            if need_anchor:  # how far the reference has moved from the anchor: mean_pix (v_ref - v_cfg)^2
+                v_cfg = kernels.reference.cfg_combine(args[3], args[4], o.cfg_scale)
+                logged["kl_old_anchor"] = (args[1].float() - v_cfg.float()).square().flatten(1).mean(1)
             if "log_ratio" in st:
                 logged["old_deviation"] = (t.v_old - t.v.detach()).float().square().flatten(1).mean(1)
                 if t.first:  # theta vs theta_old on the epoch's first micro-step
@@ -153,7 +186,18 @@ class CRD(Method):
             return value, logged
 
         # 3.-5. K stored timesteps, v_old once, micro-steps (engine.methods.common)
-        return forward_process_update(ctx, ro, adv, anchor=anchor, loss=loss)
+        return forward_process_update(ctx, ro, adv, anchor=anchor, loss=loss, reference=self.reference)
+
+
+def elbo_weight(sigma: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``w = sigma / ((1 - sigma) D)`` per row: with it ``kernels.crd_loss``'s ``l = mean_pix[...] / w`` is the ELBO
+    difference ``(1 - sigma)/sigma sum_pix[(v_ref - u)^2 - (v - u)^2]`` (VDM's weighting ``-d log SNR / 2`` of the
+    eps error, ``eps_hat - eps = (1 - sigma)(v - u)``), an estimate of ``log p_theta(x0) - log p_ref(x0)`` in nats
+    (unbiased under ``train.timestep_sampling: uniform``). ``1 - sigma`` is floored at 1e-3 (sigma = 1 carries no
+    information: its weight is then ~0)."""
+    d = v[0].numel()
+    s = sigma.float().reshape(-1)
+    return s / ((1 - s).clamp_min(1e-3) * d)
 
 
 def gathered_group_mean(dist, rows: int, keep: torch.Tensor | None, *, by_group: bool):
