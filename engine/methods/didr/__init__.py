@@ -10,7 +10,8 @@ No public code exists; this is the engine's defined reconstruction. Per iteratio
   Euler denoising by the reference (own autograd graph, then detached);
   ``loss_G = mean_i w_i * sum_pix(sg(d - s_r_hat) * x_t)``, ``w_i = 1 / sg(mean_pix |x0 - x0_hat_ref|)``.
 - Ablation ``reward_mode="terminal"`` (DI++): ``loss_G = mean_i w_i * sum_pix(sg(d) * x_t) - alpha * mean_i r(g(z))``.
-- ``weighting="dmd_x0"`` (a choice of ``w(sigma)``): ``w_i`` times ``sigma^2 / (1 - sigma)``, so that ``w_i d_i`` is
+- ``reward_weight`` scales the reward term (0 = reward off: pure distribution matching to the reference).
+- ``weighting="dmd_x0"`` (the default choice of ``w(sigma)``, issue 17): ``w_i`` times ``sigma^2 / (1 - sigma)``, so that ``w_i d_i`` is
   DMD's x0-space difference ``(x0_hat_psi - x0_hat_ref) / mean_pix|x0 - x0_hat_ref|`` (the plain score difference
   carries ``(1 - sigma) / sigma^2`` and lets the lowest sigmas dominate the generator gradient).
 - Generator initialisation (``init_regression_steps`` > 0, DMD's regression loss used as a warm start): before the

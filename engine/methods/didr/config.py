@@ -25,16 +25,23 @@ class DIDRConfig:
                                         "-alpha r(g(z)) + IKL)")
     beta: float = opt(1.0, "reward temperature: target p* ~ p_ref exp(r / beta)")
     alpha: float = opt(1.0, "terminal mode: weight of the terminal reward")
+    reward_weight: float = opt(1.0, "scale of the reward term (diffused: the DRP s_r_hat; terminal: alpha r); 0 = "
+                                    "reward off: pure distribution matching, the generator's target is the "
+                                    "reference itself (the DRP is not computed; the reward is still logged)")
     cfg_scale: float = opt(4.5, "CFG scale omega of the reference (teacher) score (1 = a single pass)")
     drp_steps: int = opt(1, "K: Euler steps of the reference denoising Phi_K inside the DRP (1 = Tweedie jump)")
     drp_cfg: bool = opt(True, "use the reference's CFG inside Phi_K too (else its conditional velocity)")
     ta_steps: int = opt(1, "fake-score (TA) updates per generator update")
     sigma_min: float = opt(0.02, "diffusion times ~ U[sigma_min, sigma_max]; > 0 keeps 1/sigma finite")
     sigma_max: float = opt(0.98, "upper end of the diffusion times")
-    weighting: str = opt("dmd", "per-sample weight: dmd = 1 / sg(mean_pix|x0 - x0_hat_ref|) | dmd_x0 = the dmd "
-                                 "weight times sigma^2 / (1 - sigma), which turns the score difference into DMD's "
-                                 "x0-space difference (x0_hat_psi - x0_hat_ref) / mean_pix|x0 - x0_hat_ref| (the plain "
-                                 "score difference grows like 1/sigma^2 and lets the lowest sigmas dominate) | none")
+    weighting: str = opt("dmd_x0", "per-sample weight: dmd_x0 (default) = 1 / sg(mean_pix|x0 - x0_hat_ref|) times "
+                                    "sigma^2 / (1 - sigma), which turns the score difference into DMD's x0-space "
+                                    "difference (x0_hat_psi - x0_hat_ref) / mean_pix|x0 - x0_hat_ref| (uniform in "
+                                    "sigma in the velocity units the fake score is trained in) | dmd = the spec's "
+                                    "literal 1 / sg(mean_pix|x0 - x0_hat_ref|) on the score difference (its weight of "
+                                    "sigma grows like 1/sigma^3: the gradient comes from the lowest sigmas, where it is "
+                                    "the fake score's error amplified by (1 - sigma) / sigma; issue 17: it neither "
+                                    "holds p_ref nor reaches p* on the exact Gaussian-mixture world) | none")
     weight_floor: float = opt(1e-4, "floor of the dmd weight's denominator")
     ta_lr: float = opt(0.0, "TA (fake score) AdamW lr; 0 = train.lr")
     one_step: str = opt("auto", "auto: the model must be a one-step generator (models/onestep.py UNetOneStep) | "
@@ -64,6 +71,7 @@ class DIDRConfig:
         need(0.0 < self.sigma_min < self.sigma_max <= 1.0, "didr.sigma_min/sigma_max",
              "0 < sigma_min < sigma_max <= 1", (self.sigma_min, self.sigma_max))
         need(self.beta > 0, "didr.beta", "> 0", self.beta)
+        need(self.reward_weight >= 0, "didr.reward_weight", ">= 0", self.reward_weight)
         need(self.cfg_scale > 0, "didr.cfg_scale", "> 0", self.cfg_scale)
         need(self.drp_steps >= 1, "didr.drp_steps", ">= 1", self.drp_steps)
         need(self.ta_steps >= 1, "didr.ta_steps", ">= 1", self.ta_steps)

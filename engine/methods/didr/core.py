@@ -133,17 +133,29 @@ class DIDR:
                 w = torch.ones(b, device=x0.device, dtype=d.dtype)
         dims = tuple(range(1, x0.ndim))
         stats = {"w": w, "d_rms": d.pow(2).mean(dims).sqrt()}
+        rw = cfg.reward_weight
         if cfg.reward_mode == "diffused":
-            s_r, r_drp = diffused_reward_proxy(
-                x_t_sg, sigma, lambda x: self.reward_of_x0(x, prompts, metadata),
-                lambda x, s: self.ref_velocity(x, s, cond, cfg=cfg.drp_cfg), steps=cfg.drp_steps, beta=cfg.beta)
+            if rw != 0:
+                s_r, r_drp = diffused_reward_proxy(
+                    x_t_sg, sigma, lambda x: self.reward_of_x0(x, prompts, metadata),
+                    lambda x, s: self.ref_velocity(x, s, cond, cfg=cfg.drp_cfg), steps=cfg.drp_steps, beta=cfg.beta)
+                if rw != 1:
+                    s_r = rw * s_r
+                stats.update(reward_drp=r_drp)
+            else:  # reward off: pure distribution matching to the reference
+                s_r = torch.zeros_like(d)
             loss = generator_surrogate(x_t, d - s_r, w)
             with torch.no_grad():  # the reward of the generator's own samples (monitoring only)
                 r_x0 = self.reward_of_x0(x0.detach(), prompts, metadata)
-            stats.update(reward=r_x0, reward_drp=r_drp, drp_rms=s_r.pow(2).mean(dims).sqrt())
+            stats.update(reward=r_x0, drp_rms=s_r.pow(2).mean(dims).sqrt())
         else:  # DI++: the integral-KL surrogate plus the terminal reward through the generator
-            r = self.reward_of_x0(x0, prompts, metadata)
-            loss = generator_surrogate(x_t, d, w) - cfg.alpha * r.mean()
+            if rw != 0:
+                r = self.reward_of_x0(x0, prompts, metadata)
+                loss = generator_surrogate(x_t, d, w) - (cfg.alpha * rw) * r.mean()
+            else:
+                with torch.no_grad():
+                    r = self.reward_of_x0(x0.detach(), prompts, metadata)
+                loss = generator_surrogate(x_t, d, w)
             stats.update(reward=r.detach())
         stats["generator_loss"] = loss.detach()
         return loss, stats
