@@ -164,8 +164,9 @@ class RunLogger:
               end="" if done < self.total else "\n", file=sys.stderr, flush=True)
 
     def save_grid(self, images: torch.Tensor, name: str, nrow: int = 8) -> str | None:
-        """Write NCHW images in [0, 1] as one PNG grid under ``<run>/samples/``."""
-        if not self.is_main or images.numel() == 0:
+        """Write NCHW images in [0, 1] as one PNG grid under ``<run>/samples/`` (nothing for other shapes: the
+        known-answer family's "images" are [N, d] points)."""
+        if not self.is_main or images.numel() == 0 or images.dim() != 4:
             return None
         from PIL import Image
 

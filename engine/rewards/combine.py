@@ -119,8 +119,9 @@ class RewardSet:
 
 
 def _check_batch(images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict]) -> int:
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"rewards: images must be a float tensor [N, 3, H, W] in [0, 1], got "
+    # [N, d] points are the "images" of the known-answer family (models/gmm.py, decode = identity)
+    if not isinstance(images, torch.Tensor) or not (images.dim() == 2 or (images.dim() == 4 and images.shape[1] == 3)):
+        raise ValueError(f"rewards: images must be a float tensor [N, 3, H, W] in [0, 1] (or [N, d] points), got "
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
     n = images.shape[0]
     if len(prompts) != n or len(metadata) != n:

@@ -28,6 +28,7 @@ REWARDS = Registry("reward", {
     "hps": "engine.rewards.preference:HPSReward",
     "aesthetic": "engine.rewards.preference:AestheticReward",
     "imagereward": "engine.rewards.preference:ImageRewardReward",
+    "gmm": "engine.known_answer.rewards:WorldReward",   # the known-answer world's closed-form rewards ([N, d] points)
 })
 register = REWARDS.register  # register(name, "module:callable" or a factory)
 BACKENDS = ("local", "async", "remote")
