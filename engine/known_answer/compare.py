@@ -129,7 +129,7 @@ def target_beta(method: str, rec: dict, raw_mode: bool, tail: float = 0.25) -> t
     algo = rec["algo"]
     if method in ("didr", "di++"):
         return float(algo["beta"]), "didr.beta (raw reward units)"
-    if method in ("crd_exact", "crd_elbo") and raw_mode:
+    if method in ("crd_exact", "crd_elbo") and raw_mode and algo.get("reward_scale", "raw") == "raw":
         return float(algo["beta"]), "crd.beta (reward_scale raw)"
     if method in ("crd", "crd_exact", "crd_elbo"):
         vals = [h["crd/beta_eff"] for h in rec["history"] if "crd/beta_eff" in h and math.isfinite(h["crd/beta_eff"])]
