@@ -152,6 +152,23 @@ def measure(results: dict, *, seed: int, projections: int = 256) -> None:
             curve.append({"epoch": epoch, **per})
         rec["curve"] = curve
         rec["final"] = curve[-1]
+        rec["network_target"] = network_target(m, rec, beta)
+
+
+def network_target(method: str, rec: dict, beta: float) -> dict:
+    """``E[R]`` of the pretrained NETWORK's own samples tilted by ``exp(R / beta)`` (self-normalised importance
+    weights over the epoch-0 samples; for DIDR/DI++ epoch 0 is the raw one-step generator, so none): the optimum a
+    method can reach from this network, beside the exact ``E_p*[R]`` of ``p_ref`` (their gap is the network's own
+    floor in reward units). Returns ``{prompt: value}``, with the effective sample size fraction as ``ess``."""
+    if method in ("didr", "di++") or not math.isfinite(beta):
+        return {}
+    out = {}
+    for pw in rec["world"]:
+        x = rec["points"][0][1][pw.prompt].to(torch.float64)
+        r = pw.reward(x)
+        w = torch.softmax(r / beta, 0)
+        out[pw.prompt] = {"reward": float(w @ r), "ess": float(1 / w.square().sum() / w.numel())}
+    return out
 
 
 def floors(world_name: str, pretrain_steps: int | None, *, steps: int, samples: int, seed: int) -> dict:
@@ -172,12 +189,15 @@ def _fmt(x: float, nd: int = 3) -> str:
 
 
 def tables(results: dict, fl: dict, prompts: Sequence[str]) -> str:
-    head1 = ["method", "target beta"] + [f"{p}: E[R] / exact" for p in prompts] + ["mean overshoot", "wall s"]
+    head1 = ["method", "target beta"] + [f"{p}: E[R] / exact / network's" for p in prompts] + \
+        ["mean overshoot", "wall s"]
     rows1 = []
     for m, rec in results.items():
         f = rec["final"]
         rows1.append([m, f"{rec['beta']:.3g}" + (" (reference)" if "reference" in rec["beta_source"] else "")]
-                     + [f"{f[p]['reward']:.3f} / {f[p]['exact_reward']:.3f}" for p in prompts]
+                     + [f"{f[p]['reward']:.3f} / {f[p]['exact_reward']:.3f} / "
+                        + (f"{rec['network_target'][p]['reward']:.3f}" if p in rec.get("network_target", {}) else "-")
+                        for p in prompts]
                      + [f"{f['mean']['overshoot']:+.3f}", f"{rec['wall_s']:.0f}"])
     head2 = ["method"] + [f"{p}: SW2 to p*" for p in prompts] + ["mean SW2", "occupancy TV (mean)"] + \
         [f"{p}: occupancy (p* samples)" for p in prompts]
@@ -275,7 +295,8 @@ def plot(results: dict, fl: dict, prompts: Sequence[str], path: str) -> str:
 def _json_ready(results: dict, fl: dict, meta: dict) -> dict:
     out = {"meta": meta, "floors": fl, "methods": {}}
     for m, rec in results.items():
-        out["methods"][m] = {k: rec[k] for k in ("beta", "beta_source", "wall_s", "eval_s", "curve", "final")}
+        out["methods"][m] = {k: rec[k] for k in ("beta", "beta_source", "wall_s", "eval_s", "curve", "final",
+                                                  "network_target")}
         out["methods"][m]["algo"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in rec["algo"].items()}
         out["methods"][m]["reward_calls"] = rec["reward_calls"]
     return out
@@ -361,7 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.epochs} epochs per method; {args.samples} samples per prompt at fixed noise (the method's own "
         "evaluation sampler: the rollout ODE, FDFO's steps, DIDR's one-step generator). E[R] of the policy's samples "
         "vs the exact E_p*[R] of p* = p_ref exp(R / beta) / Z at the method's target beta; overshoot = E[R] - "
-        "E_p*[R]; SW2 = sliced W2 to as many exact p* samples; occupancy = fraction nearest each of p*'s component "
+        "E_p*[R]; network's = E[R] of the pretrained network's own samples tilted by exp(R / beta) (self-normalised "
+        "importance weights: the optimum reachable from this network; its gap to the exact value is the network's "
+        "floor in reward units); SW2 = sliced W2 to as many exact p* samples; occupancy = fraction nearest each of p*'s component "
         "means (in parentheses: exact p* samples), TV = total variation between the two.", "",
         *notes, "", tables(results, fl, prompts), "", f"Curves: `{os.path.relpath(png, ROOT)}`.", ""])
     with open(os.path.join(out, "results.md"), "w") as f:
