@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
@@ -150,11 +150,8 @@ class GMMSettings:
     @classmethod
     def from_dict(cls, d: dict) -> "GMMSettings":
         from engine.errors import ConfigError
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"config key 'model.size': unknown gmm setting(s) {unknown}; known: {sorted(known)}")
-        s = cls(**d)
+        from engine.options import build_dataclass
+        s = build_dataclass(cls, d, "model.size")  # unknown keys and wrong types: one sentence naming the key
         if s.teacher not in ("network", "exact"):
             raise ConfigError(f"config key 'model.size.teacher' must be network or exact, got {s.teacher!r}")
         if s.world not in WORLDS:
