@@ -41,6 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 #: evaluation samples per prompt family at least (see :func:`samples_per_prompt_index`): the std of the overall
 #: (family-mean) strict accuracy is then about 0.025 at the testbed base's accuracies
 DEFAULT_SAMPLES_PER_FAMILY = 64
+#: the reward-curve PNG's title: what its two lines are (eval/reward needs the run's eval.every > 0)
+CURVE_TITLE = "reward/mean: training rollouts (train prompts); eval/reward: held-out prompts, fixed noise"
 METRIC_COLUMNS = (("fidelity_fd", "FD"), ("in_group_diversity", "diversity"),
                   ("off_palette_fraction", "off-palette"), ("artifact_fraction", "artifacts"))
 
@@ -224,7 +226,8 @@ def before_after(cfg, checkpoint: str | None = None, *, samples_per_prompt: int 
     if not main:
         return results
     metrics = os.path.join(run_dir, "metrics.jsonl")
-    curve = reward_curve(metrics, os.path.join(out_dir, "reward_curve.png")) if os.path.isfile(metrics) else None
+    curve = reward_curve(metrics, os.path.join(out_dir, "reward_curve.png"), smooth=3, title=CURVE_TITLE) \
+        if os.path.isfile(metrics) else None
     with open(os.path.join(out_dir, "before_after.json"), "w") as f:
         json.dump({"checkpoint": checkpoint, "prompts": cfg.data.test_prompts, "machine": _machine(),
                    "results": results}, f, indent=1)
@@ -285,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"sample grid: {res['grid']}")
     metrics = args.metrics or (os.path.join(run_dir, "metrics.jsonl") if run_dir else None)
     if metrics and os.path.isfile(metrics):
-        print(f"reward curve: {reward_curve(metrics, os.path.join(out, 'reward_curve.png'))}")
+        curve = reward_curve(metrics, os.path.join(out, "reward_curve.png"), smooth=3, title=CURVE_TITLE)
+        print(f"reward curve: {curve}")
     return 0
 
 
