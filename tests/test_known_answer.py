@@ -21,7 +21,9 @@ TILT, BOWL, FLAT = WORLD
 
 
 def _env(tmp_path) -> dict:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1",
+    # without this pytest process's rendezvous variables: an in-process run of an earlier test holds its MASTER_PORT
+    from tests.test_engine_helpers import clean_env
+    return {**clean_env(), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1",
             "OMP_NUM_THREADS": "1", "RLFLOW_CACHE": os.environ.get("RLFLOW_CACHE", str(tmp_path / "cache"))}
 
 
