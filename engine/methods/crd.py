@@ -112,7 +112,7 @@ class CRD(Method):
         super().__init__(cfg)
         self.exact_groups = self.opt.centering == "group"
         # the log-ratio's reference: the moving snapshot theta_old, or the frozen pretrained model (no old kept)
-        self.reference = "old" if self.opt.ratio_reference == "old" else "pretrained"
+        self.reference = self.opt.ratio_reference  # the adapter name: "old" or "pretrained"
         self.adapters = (("policy", "old", "sampler") if self.reference == "old" else ("policy", "sampler")) + \
             (("ema",) if self.opt.ema_schedule else ())
 
@@ -161,8 +161,8 @@ class CRD(Method):
         def loss(t):
             sl = t.rows
             v_pc, v_pu = (t.part(a) for a in t.anchor)
-            args = t.kept(t.v, t.v_old, t.part(t.mb.u), v_pc, v_pu, reward[sl], rho[sl], ro.group_ids[sl],
-                          *(() if o.log_ratio == "adaptive" else (elbo_weight(t.part(t.mb.sigma), t.v),)))
+            args = t.kept(t.v, t.v_old, t.part(t.mb.u), v_pc, v_pu, reward[sl], rho[sl], ro.group_ids[sl])
+            weight = None if o.log_ratio == "adaptive" else t.kept(elbo_weight(t.part(t.mb.sigma), t.v))[0]
             # centering over the global micro-batch (groups straddling ranks): group means of detached scalars
             # gathered from every rank (a collective: every rank calls it)
             mean_fn = None if local_centering else gathered_group_mean(dist, sl.stop - sl.start, t.keep,
@@ -171,8 +171,8 @@ class CRD(Method):
                 if mean_fn is not None:
                     mean_fn(args[0].new_zeros(0, 2, dtype=torch.float32), args[7])
                 return t.v.sum() * 0.0, {}
-            value, st = kernels.crd_loss(*args[:8], ratio_weight=args[8] if len(args) > 8 else None, beta=o.beta, adv_clip=o.adv_clip, cfg_scale=o.cfg_scale,
-                                         kl_beta=o.kl_beta, kl_min=kl_min,
+            value, st = kernels.crd_loss(*args, ratio_weight=weight, beta=o.beta, adv_clip=o.adv_clip,
+                                         cfg_scale=o.cfg_scale, kl_beta=o.kl_beta, kl_min=kl_min,
                                          centering="group" if mean_fn else o.centering, group_mean_fn=mean_fn,
                                          backend=ctx.cfg.train.kernel_backend)
             logged = {name: st[name] for name in ("log_ratio", "kl", "kl_coef", "lc") if name in st}
