@@ -3,17 +3,21 @@
 Wire format (JSON only, never pickle): ``POST /score`` with ``{"images": [base64 PNG, ...], "prompts": [str, ...],
 "metadata": [object, ...]}`` -> ``{"reward": name, "scores": {key: [float | null, ...]}}`` (null = NaN/inf: the
 sample is invalid). ``GET /health`` -> ``{"status": "ok", "reward": name, "max_body_bytes": ..., ...}``.
-Errors come back as ``{"error": "one sentence"}`` with a 4xx status (the request is wrong: never retried) or 5xx
-(the server failed: retried with exponential backoff, as are connection errors and timeouts).
+Errors come back as ``{"error": "one sentence"}`` with a 4xx status (the request is wrong: never retried, except
+408/429, which say "too slow" / "too many" rather than "wrong") or 5xx (the server failed or is busy: retried with
+exponential backoff, as are connection errors, broken replies and timeouts). A server started with ``--token-file``
+wants ``Authorization: Bearer <token>`` on every request (401 otherwise).
 Images travel as 8-bit PNG: a [0, 1] float image is rounded to the nearest of 256 levels.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import json
 import math
+import os
 import socket
 import struct
 import time
@@ -27,6 +31,8 @@ from PIL import Image
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+TOKEN_ENV = "RLFLOW_REWARD_TOKEN"  # the client's token when no token_file is given
+_RETRYABLE_4XX = (408, 429)  # "you were too slow" / "too many requests": the same request may succeed later
 
 
 class RemoteRewardError(ValueError):
@@ -39,6 +45,30 @@ class RemoteRewardUnavailable(ConnectionError):
 
 class ImageDecodeError(ValueError):
     """A request image is not a valid base64 PNG within the size limits."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """A request image's header claims more pixels than allowed (the server answers 413)."""
+
+
+def read_token_file(path: str, where: str = "token file") -> str:
+    """The shared secret in ``path`` (surrounding whitespace stripped); ValueError naming the file, never the token.
+
+    The token must be printable ASCII without spaces, so it fits a header unchanged and compares as bytes."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where} {path!r} cannot be read ({type(e).__name__})") from None
+    return _check_token(token, f"{where} {path!r}")
+
+
+def _check_token(token: str, where: str) -> str:
+    if not token:
+        raise ValueError(f"{where} is empty: expected a shared token")
+    if not all(33 <= ord(c) < 127 for c in token):
+        raise ValueError(f"{where} must hold printable ASCII without spaces")
+    return token
 
 
 def encode_images(images: torch.Tensor) -> list[str]:
@@ -54,8 +84,9 @@ def encode_images(images: torch.Tensor) -> list[str]:
     return out
 
 
-def decode_image(data: object, max_pixels: int, where: str = "image") -> torch.Tensor:
-    """base64 PNG -> float [3, H, W] in [0, 1]; ImageDecodeError naming ``where`` for anything else."""
+def png_header(data: object, where: str = "image") -> tuple[bytes, int, int]:
+    """base64 PNG -> (PNG bytes, width, height) read from its IHDR chunk; no pixel is decoded, so a server can
+    check every image's size (and the request's total) before allocating anything."""
     if not isinstance(data, str):
         raise ImageDecodeError(f"{where}: expected a base64 PNG string, got {type(data).__name__}")
     try:
@@ -64,22 +95,42 @@ def decode_image(data: object, max_pixels: int, where: str = "image") -> torch.T
         raise ImageDecodeError(f"{where}: not valid base64") from None
     if not raw.startswith(PNG_SIGNATURE):
         raise ImageDecodeError(f"{where}: not a PNG (bad signature)")
-    if len(raw) >= 24 and raw[12:16] == b"IHDR":  # read the claimed size before PIL touches the data
-        w, h = struct.unpack(">II", raw[16:24])
-        if w * h > max_pixels:
-            raise ImageDecodeError(f"{where}: {w}x{h} pixels exceeds the limit of {max_pixels} pixels")
+    # the PNG spec puts IHDR (13 bytes of data) first; anything else is refused rather than searched for
+    if len(raw) < 33 or raw[8:16] != b"\x00\x00\x00\x0dIHDR":
+        raise ImageDecodeError(f"{where}: corrupt PNG (no IHDR chunk first)")
+    w, h = struct.unpack(">II", raw[16:24])
+    if w < 1 or h < 1:
+        raise ImageDecodeError(f"{where}: corrupt PNG ({w}x{h} pixels)")
+    return raw, w, h
+
+
+def decode_png_into(raw: bytes, out: torch.Tensor, where: str = "image") -> None:
+    """Decode PNG bytes (checked by ``png_header``) into ``out``, a preallocated float [3, H, W], as [0, 1] values;
+    only this one image's 8-bit intermediates exist besides ``out``."""
     try:
         with Image.open(io.BytesIO(raw), formats=["PNG"]) as img:
-            w, h = img.size  # header only: the size is checked before any pixel is decoded
-            if w < 1 or h < 1 or w * h > max_pixels:
-                raise ImageDecodeError(f"{where}: {w}x{h} pixels exceeds the limit of {max_pixels} pixels")
+            if img.size != (out.shape[2], out.shape[1]):  # e.g. a second IHDR: PIL would believe the last one
+                raise ImageDecodeError(f"{where}: corrupt PNG (decodes to {img.size[0]}x{img.size[1]} but its "
+                                       f"header says {out.shape[2]}x{out.shape[1]})")
             img.load()
-            rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except ImageDecodeError:
+            rgb = np.array(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
+    except (ImageDecodeError, MemoryError):
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageDecodeError(f"{where}: corrupt or truncated PNG ({e})") from None
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255.0
+    except Exception as e:  # whatever PIL makes of hostile bytes (OSError, SyntaxError, zlib, EOF, ...) is a 400
+        raise ImageDecodeError(f"{where}: corrupt or truncated PNG ({type(e).__name__}: {e})") from None
+    out.copy_(torch.from_numpy(rgb).permute(2, 0, 1))
+    out.div_(255.0)  # the same float32 division as uint8 / 255.0: bit-identical values
+
+
+def decode_image(data: object, max_pixels: int, where: str = "image") -> torch.Tensor:
+    """base64 PNG -> float [3, H, W] in [0, 1]; ImageDecodeError naming ``where`` for anything else (its subclass
+    ImageTooLargeError, raised before any pixel is decoded, when the header claims more than ``max_pixels``)."""
+    raw, w, h = png_header(data, where)
+    if w * h > max_pixels:
+        raise ImageTooLargeError(f"{where}: {w}x{h} pixels exceeds the limit of {max_pixels} pixels")
+    out = torch.empty(3, h, w)
+    decode_png_into(raw, out, where)
+    return out
 
 
 def scores_to_json(scores: dict[str, torch.Tensor]) -> dict[str, list]:
@@ -103,15 +154,20 @@ class RemoteReward:
     """``RemoteReward(url, timeout, retries)``: a ``Reward`` served by ``python -m engine.rewards.server`` at ``url``
     (e.g. ``http://127.0.0.1:8123``).
 
-    ``timeout``: seconds per attempt; ``retries``: extra attempts after a 5xx, timeout or connection error, sleeping
-    ``backoff * 2**k`` seconds before attempt k+1; ``max_body_bytes``: refuse locally to send a larger request.
+    ``timeout``: seconds per attempt; ``retries``: extra attempts after a 5xx, 408/429, timeout, broken reply or
+    connection error, sleeping ``backoff * 2**k`` seconds before attempt k+1 (any other 4xx raises RemoteRewardError
+    at once); ``max_body_bytes``: refuse locally to send a larger request.
     ``name``: the reward the server must be serving (checked on every reply); None = whatever it serves.
+    ``token_file``: a file holding the server's shared token (sent as ``Authorization: Bearer``); without it the
+    token comes from the environment variable ``token_env`` when set. The token itself is never a constructor
+    argument (configs get logged) and never appears in a message or repr.
     """
 
     differentiable = False
 
     def __init__(self, url: str, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, name: str | None = None) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, name: str | None = None,
+                 token_file: str | None = None, token_env: str = TOKEN_ENV) -> None:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"RemoteReward: url must start with http:// or https://, got {url!r}")
         if timeout <= 0 or retries < 0 or backoff < 0:
@@ -120,6 +176,19 @@ class RemoteReward:
         self.url = url.rstrip("/")
         self.timeout, self.retries, self.backoff, self.max_body_bytes = timeout, retries, backoff, max_body_bytes
         self._name = name
+        if token_file is not None:
+            token = read_token_file(token_file, "RemoteReward: token_file")
+        elif os.environ.get(token_env):
+            token = _check_token(os.environ[token_env], f"RemoteReward: environment variable {token_env}")
+        else:
+            token = None
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._token_env = token_env
+        # redirects are refused: urllib would resend the Authorization header to wherever they point
+        self._opener = urllib.request.build_opener(_NoRedirect())
+
+    def __repr__(self) -> str:
+        return f"RemoteReward({self.url!r}, auth={'token' if self._headers else 'none'})"
 
     @property
     def name(self) -> str:
@@ -160,19 +229,30 @@ class RemoteReward:
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
-            req = urllib.request.Request(url, data=body, method=method,
-                                         headers={"Content-Type": "application/json"} if body is not None else {})
+            headers = dict(self._headers)
+            if body is not None:
+                headers["Content-Type"] = "application/json"
+            req = urllib.request.Request(url, data=body, method=method, headers=headers)
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with self._opener.open(req, timeout=self.timeout) as resp:
                     return _parse_reply(resp.read(), url)
             except urllib.error.HTTPError as e:
                 message = _error_message(e)
-                if 400 <= e.code < 500:
-                    raise RemoteRewardError(f"reward server {url} rejected the request ({e.code}): {message}") from None
+                if e.code < 500 and e.code not in _RETRYABLE_4XX:  # the request is wrong (or redirected): final
+                    hint = (f" (the server wants a token: pass token_file or set ${self._token_env})"
+                            if e.code == 401 else "")
+                    raise RemoteRewardError(f"reward server {url} rejected the request ({e.code}): {message}{hint}"
+                                            ) from None
                 last = f"HTTP {e.code}: {message}"
-            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as e:
+            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError,
+                    http.client.HTTPException) as e:  # HTTPException: a reply cut short or garbled in transit
                 last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
         raise RemoteRewardUnavailable(f"reward server {url} failed on all {self.retries + 1} attempts; last: {last}")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # urllib then raises the 3xx as an HTTPError: a final RemoteRewardError
 
 
 def _parse_reply(raw: bytes, url: str) -> dict:
