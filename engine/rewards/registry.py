@@ -29,6 +29,11 @@ REWARDS = Registry("reward", {
     "aesthetic": "engine.rewards.preference:AestheticReward",
     "imagereward": "engine.rewards.preference:ImageRewardReward",
     "gmm": "engine.known_answer.rewards:WorldReward",   # the known-answer world's closed-form rewards ([N, d] points)
+    "vlm_yesno": "engine.rewards.vlm:VlmYesNoReward",  # 100*sigmoid(logit Yes - logit No) of an in-process VLM
+    "vlm_alignment": "engine.rewards.vlm:vlm_alignment",  # FDFO's trained question (its official presets)
+    "vlm_quality": "engine.rewards.vlm:vlm_quality",
+    "vlm_photo": "engine.rewards.vlm:vlm_photo",
+    "openai_judge": "engine.rewards.openai_judge:OpenAIJudgeReward",  # a served judge (vLLM, sglang chat API)
 })
 register = REWARDS.register  # register(name, "module:callable" or a factory)
 BACKENDS = ("local", "async", "remote")
