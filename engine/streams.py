@@ -17,6 +17,8 @@ class Stream(IntEnum):
     DIDR_INIT = 6     # DIDR: the warm start's (noise, reference sample) pairs
     TIMESTEPS_GROUP = 7        # CRD/NFT train.timestep_sharing=group: one draw of K sigmas per prompt group (by id)
     TIMESTEPS_MICRO_BATCH = 8  # ... =micro_batch: one draw per global micro-batch (by its number in the epoch)
+    GRPO_SDE_NOISE = 9         # GRPO: the per-step SDE noise of each sample's rollout
+    GRPO_WINDOW = 10           # GRPO-Fast: where each sample's SDE window starts
 
 
 #: "epochs" of draws made outside the epoch loop (far above any run's epoch count)

@@ -1,4 +1,4 @@
-"""Fused kernels of the engine: grouped advantages, the CRD, NFT and FDFO losses, and FDFO's finite-difference pairs.
+"""Fused kernels of the engine: grouped advantages, the CRD, NFT, FDFO and Flow-GRPO losses, and FDFO's pairs.
 
 Every public function here is autograd-aware (only ``v`` receives a gradient), validates its inputs (one clear
 ``ValueError`` sentence), and dispatches on ``backend``:
@@ -11,7 +11,7 @@ Every public function here is autograd-aware (only ``v`` receives a gradient), v
 ``group_advantages`` works on ``[N]`` vectors only; it is the same torch code on every backend (a kernel launch
 would cost more than the work).
 
-The math is ``shared/spec/methods.md`` sections 1-4; see :mod:`kernels.reference` for the formulas.
+The math is ``shared/spec/methods.md`` sections 1-4 and 7; see :mod:`kernels.reference` for the formulas.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import torch
 from kernels import reference, validate
 from kernels.dispatch import resolve_backend, triton_module
 
-__all__ = ["group_advantages", "crd_loss", "nft_loss", "fdfo_pairs", "fdfo_loss", "resolve_backend", "reference"]
+__all__ = ["group_advantages", "crd_loss", "nft_loss", "fdfo_pairs", "fdfo_loss", "grpo_logprob", "grpo_loss",
+           "resolve_backend", "reference"]
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, global_std: bool = True,
@@ -109,3 +110,33 @@ def fdfo_loss(v: torch.Tensor, v_ref: torch.Tensor, dxh: torch.Tensor, dR: torch
     if resolve_backend(backend, v, v_ref, dxh) == "torch":
         return reference.fdfo_loss(v, v_ref, dxh, dR, clip=clip, item_index=item_index)
     return triton_module("fdfo").fdfo_loss(v, v_ref, dxh, dR, clip=clip, item_index=item_index)
+
+
+def grpo_logprob(v: torch.Tensor, x_t: torch.Tensor, x_next: torch.Tensor, coef: torch.Tensor, *,
+                 backend: str = "auto") -> torch.Tensor:
+    """Flow-GRPO per-sample transition log-prob ``[N]`` (methods.md section 7; what the rollout stores as
+    ``lp_old``). ``coef`` ``[N, 6]`` from :func:`kernels.reference.grpo_coefficients`. The same sums as
+    :func:`grpo_loss` on the same backend, so identical inputs give a ratio of exactly 1."""
+    validate.grpo_loss(v, x_t, x_next, None, None, coef, None, 1.0, 1.0, 0.0)
+    if resolve_backend(backend, v, x_t, x_next) == "torch":
+        return reference.grpo_logprob(v, x_t, x_next, coef)
+    return triton_module("grpo").grpo_logprob(v, x_t, x_next, coef)
+
+
+def grpo_loss(v: torch.Tensor, x_t: torch.Tensor, x_next: torch.Tensor, lp_old: torch.Tensor, adv: torch.Tensor,
+              coef: torch.Tensor, *, v_ref: torch.Tensor | None = None, clip_range: float = 1e-4,
+              adv_clip: float = 5.0, kl_beta: float = 0.04, backend: str = "auto"
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Flow-GRPO PPO-clipped loss of one micro-batch at one step per sample (methods.md section 7) -> ``(loss, stats)``.
+
+    Latents ``v`` (with grad), ``x_t``, ``x_next``, ``v_ref`` (None = no KL term, no reference pass) ``[N, ...]``
+    fp32 or bf16; ``lp_old``, ``adv`` ``[N]``; ``coef`` ``[N, 6]``. The fused path reads the latents once forward and
+    once backward. Stats (per sample): ``log_prob``, ``ratio``, ``log_ratio``, ``policy_loss``, ``approx_kl``,
+    ``clipped``, ``clipped_high``, ``clipped_low``, ``kl`` (with ``v_ref``).
+    """
+    validate.grpo_loss(v, x_t, x_next, lp_old, adv, coef, v_ref, clip_range, adv_clip, kl_beta)
+    kwargs = dict(v_ref=v_ref, clip_range=clip_range, adv_clip=adv_clip, kl_beta=kl_beta)
+    tensors = (v, x_t, x_next) + (() if v_ref is None else (v_ref,))
+    if resolve_backend(backend, *tensors) == "torch":
+        return reference.grpo_loss(v, x_t, x_next, lp_old, adv, coef, **kwargs)
+    return triton_module("grpo").grpo_loss(v, x_t, x_next, lp_old, adv, coef, **kwargs)

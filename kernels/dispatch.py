@@ -8,7 +8,8 @@ from types import ModuleType
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
-_TRITON_MODULES = {"crd": "kernels.triton_crd", "nft": "kernels.triton_nft", "fdfo": "kernels.triton_fdfo"}
+_TRITON_MODULES = {"crd": "kernels.triton_crd", "nft": "kernels.triton_nft", "fdfo": "kernels.triton_fdfo",
+                   "grpo": "kernels.triton_grpo"}
 
 
 def interpreter_enabled() -> bool:

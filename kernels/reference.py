@@ -1,4 +1,4 @@
-"""Plain-torch reference versions of every kernel: the math of ``shared/spec/methods.md`` sections 1-4, in code.
+"""Plain-torch reference versions of every kernel: the math of ``shared/spec/methods.md`` sections 1-4 and 7, in code.
 
 These functions ARE the spec: the fused Triton kernels in this package are tested against them, value and gradient.
 They assume valid inputs (the public functions in ``kernels/__init__.py`` validate before dispatching here).
@@ -15,6 +15,7 @@ Conventions
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -310,3 +311,140 @@ def fdfo_loss(v: torch.Tensor, v_ref: torch.Tensor, dxh: torch.Tensor, dR: torch
     ell_ref = -mean_pix(d.square())
     loss, rho = fdfo_per_item(ell, ell_ref, dr, clip=clip)
     return loss, {"ratio": rho.detach(), "log_ratio": (ell - ell_ref).detach()}
+
+
+# ------------------------------------------------------------------------------------------------- 7. Flow-GRPO
+#: ``sde_type`` of :func:`grpo_coefficients`: the official flow SDE, or Coefficients-Preserving Sampling
+GRPO_SDE_TYPES = ("sde", "cps")
+#: columns of the per-sample coefficient table ``coef [N, 6]`` every GRPO function takes (one row per sample and
+#: step): the mean ``a x + b v`` of the transition, the std of its noise, and the log-prob / KL scales
+GRPO_A, GRPO_B, GRPO_NOISE, GRPO_INV2VAR, GRPO_LP_CONST, GRPO_KL_SCALE = range(6)
+
+
+def grpo_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor, *, noise_level: float, sde_type: str = "sde",
+                      sigma_max: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Per-sample coefficients of one SDE step ``sigma -> sigma_next`` (methods.md section 7) -> ``coef [N, 6]``.
+
+    Scheduler arithmetic in ``sigma``'s dtype (fp32 in the engine, as the official trainer; fp64 for gradcheck).
+    ``dt = sigma_next - sigma < 0``. The mean is written affine in v, ``a x + b v`` with per-sample ``a``, ``b``
+    (equal to the official expressions in exact arithmetic; the official code multiplies ``v`` by its two factors
+    in turn and forms the CPS mean from ``x0_hat``/``eps_hat``, so fp32 results differ by rounding, ~1e-7).
+    - ``sde``: ``std_dev = sqrt(sigma / (1 - sigma')) * noise_level`` with ``sigma' = sigma_max`` (the table's
+      second entry) where ``sigma == 1``, else ``sigma``; mean ``x (1 + std_dev^2 / (2 sigma) dt) +
+      v (1 + std_dev^2 (1 - sigma) / (2 sigma)) dt``; noise std ``s = std_dev sqrt(-dt)``; per element
+      ``log p = -(x_next - mean)^2 / (2 s^2) - log s - log sqrt(2 pi)``.
+    - ``cps``: ``std_dev = sigma_next sin(pi noise_level / 2)``; mean ``x0_hat (1 - sigma_next) + eps_hat
+      sqrt(sigma_next^2 - std_dev^2)`` with ``x0_hat = x - sigma v``, ``eps_hat = x + (1 - sigma) v``, i.e.
+      ``a = (1 - sigma_next) + c``, ``b = -sigma (1 - sigma_next) + (1 - sigma) c``, ``c = sqrt(...)``; noise std
+      ``std_dev``; ``log p = -(x_next - mean)^2`` (the official code drops every constant).
+    Columns (``GRPO_*``): ``a``, ``b``, noise std, ``inv2var`` (the factor of ``-(x_next - mean)^2``),
+    ``lp_const``, ``kl_scale = 1 / (2 std_dev^2)`` (the official KL divides by ``std_dev``, not the noise std).
+    """
+    s = sigma.reshape(-1)
+    sn = torch.as_tensor(sigma_next, dtype=s.dtype, device=s.device).reshape(-1).expand_as(s)
+    dt = sn - s
+    if sde_type == "sde":
+        smax = torch.as_tensor(sigma_max, dtype=s.dtype, device=s.device)
+        std_dev = torch.sqrt(s / (1 - torch.where(s == 1, smax, s))) * noise_level
+        a = 1 + std_dev ** 2 / (2 * s) * dt
+        b = (1 + std_dev ** 2 * (1 - s) / (2 * s)) * dt
+        noise = std_dev * torch.sqrt(-1 * dt)
+        inv2var = 1 / (2 * noise ** 2)
+        lp_const = -torch.log(noise) - math.log(math.sqrt(2 * math.pi))
+    elif sde_type == "cps":
+        std_dev = sn * math.sin(noise_level * math.pi / 2)
+        c = torch.sqrt(sn ** 2 - std_dev ** 2)
+        a = (1 - sn) + c
+        b = -s * (1 - sn) + (1 - s) * c
+        noise = std_dev
+        inv2var = torch.ones_like(s)
+        lp_const = torch.zeros_like(s)
+    else:
+        raise ValueError(f"sde_type must be one of {GRPO_SDE_TYPES}, got {sde_type!r}")
+    return torch.stack([a, b, noise, inv2var, lp_const, 1 / (2 * std_dev ** 2)], dim=1)
+
+
+def grpo_ode_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """The deterministic Euler step ``x + (sigma_next - sigma) v`` in the same ``coef`` layout (no noise; used
+    outside Flow-GRPO-Fast's SDE window, never trained on)."""
+    s = sigma.reshape(-1)
+    dt = torch.as_tensor(sigma_next, dtype=s.dtype, device=s.device).reshape(-1).expand_as(s) - s
+    one, zero = torch.ones_like(s), torch.zeros_like(s)
+    return torch.stack([one, dt, zero, one, zero, zero], dim=1)
+
+
+def grpo_step(x_t: torch.Tensor, v: torch.Tensor, coef: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+    """One sampler step: ``x_next = a x + b v + noise_std xi`` in fp32 (``v``, ``x`` cast first, as the official
+    step does: bf16 overflows in the mean)."""
+    shape = (-1,) + (1,) * (x_t.ndim - 1)
+    a, b, n = (coef[:, k].to(torch.float32).reshape(shape) for k in (GRPO_A, GRPO_B, GRPO_NOISE))
+    return a * x_t.float() + b * v.float() + n * xi.float()
+
+
+def grpo_sums(v: torch.Tensor, x_t: torch.Tensor, x_next: torch.Tensor, coef: torch.Tensor,
+              v_ref: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-sample ``mean_pix (x_next - mean)^2`` with ``mean = a x + b v`` and, with ``v_ref``,
+    ``mean_pix (mean - mean_ref)^2 = b^2 mean_pix (v - v_ref)^2`` (the mean is affine in v: the x terms cancel
+    exactly, so policy == reference gives KL exactly 0)."""
+    dt = compute_dtype(v)
+    v32, x, xn = flat(v, dt), flat(x_t, dt).detach(), flat(x_next, dt).detach()
+    c = coef.to(dt).detach()
+    a, b = c[:, GRPO_A:GRPO_A + 1], c[:, GRPO_B:GRPO_B + 1]
+    sq = mean_pix((xn - (a * x + b * v32)).square())
+    if v_ref is None:
+        return sq, None
+    return sq, c[:, GRPO_B].square() * mean_pix((v32 - flat(v_ref, dt).detach()).square())
+
+
+def grpo_logprob_from_sums(sq: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``log p = -inv2var mean_pix (x_next - mean)^2 + lp_const`` (shared with the fused path)."""
+    c = coef.to(sq.dtype).detach()
+    return -(sq * c[:, GRPO_INV2VAR]) + c[:, GRPO_LP_CONST]
+
+
+def grpo_logprob(v: torch.Tensor, x_t: torch.Tensor, x_next: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """Per-sample transition log-prob of ``x_t -> x_next`` under velocity ``v`` (mean over the latent's elements)."""
+    return grpo_logprob_from_sums(grpo_sums(v, x_t, x_next, coef)[0], coef)
+
+
+def grpo_per_sample(lp: torch.Tensor, lp_old: torch.Tensor, adv: torch.Tensor, kl: torch.Tensor | None, *,
+                    clip_range: float, adv_clip: float, kl_beta: float
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The PPO stage from per-sample log-probs (shared with the fused path):
+    ``A = clip(adv, -adv_clip, adv_clip)``, ``ratio = exp(lp - lp_old)``,
+    ``L = mean max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) + kl_beta mean kl``. Stats (per sample): ``ratio``,
+    ``log_ratio``, ``policy_loss``, ``approx_kl = (lp - lp_old)^2 / 2``, ``clipped`` (``|ratio - 1| > eps``),
+    ``clipped_high``, ``clipped_low``, ``kl`` (when given)."""
+    A = adv.reshape(-1).to(lp.dtype).detach().clamp(-adv_clip, adv_clip)
+    log_ratio = lp - lp_old.reshape(-1).to(lp.dtype).detach()
+    ratio = torch.exp(log_ratio)
+    policy = torch.maximum(-A * ratio, -A * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range))
+    loss = policy.mean()
+    r = ratio.detach()
+    stats = {"ratio": r, "log_ratio": log_ratio.detach(), "policy_loss": policy.detach(),
+             "approx_kl": 0.5 * log_ratio.detach().square(), "clipped": ((r - 1.0).abs() > clip_range).to(lp.dtype),
+             "clipped_high": (r - 1.0 > clip_range).to(lp.dtype), "clipped_low": (1.0 - r > clip_range).to(lp.dtype)}
+    if kl is not None:
+        loss = loss + kl_beta * kl.mean()
+        stats["kl"] = kl.detach()
+    return loss, stats
+
+
+def grpo_loss(v: torch.Tensor, x_t: torch.Tensor, x_next: torch.Tensor, lp_old: torch.Tensor, adv: torch.Tensor,
+              coef: torch.Tensor, *, v_ref: torch.Tensor | None = None, clip_range: float = 1e-4,
+              adv_clip: float = 5.0, kl_beta: float = 0.04) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Flow-GRPO loss of one micro-batch at one step per sample (methods.md section 7).
+
+    ``v`` (with grad), ``x_t``, ``x_next``, ``v_ref`` (the reference's velocity; None = no KL term): ``[N, ...]``;
+    ``lp_old``, ``adv`` ``[N]``; ``coef`` ``[N, 6]`` from :func:`grpo_coefficients`.
+    ``lp = -inv2var mean_pix (x_next - a x - b v)^2 + lp_const``; the PPO stage is :func:`grpo_per_sample`;
+    ``kl_i = kl_scale_i mean_pix (mean - mean_ref)^2 = kl_scale b^2 mean_pix (v - v_ref)^2`` (the official
+    ``((mean - mean_ref)^2).mean() / (2 std_dev^2)``).
+    Gradient (only ``v``): ``dL/dv = dL/dlp (2 b inv2var / D)(x_next - mean) + dL/dkl (2 kl_scale b^2 / D)(v - v_ref)``.
+    """
+    sq, kl_sq = grpo_sums(v, x_t, x_next, coef, v_ref)
+    lp = grpo_logprob_from_sums(sq, coef)
+    kl = None if kl_sq is None else coef[:, GRPO_KL_SCALE].to(kl_sq.dtype).detach() * kl_sq
+    loss, stats = grpo_per_sample(lp, lp_old, adv, kl, clip_range=clip_range, adv_clip=adv_clip, kl_beta=kl_beta)
+    stats["log_prob"] = lp.detach()
+    return loss, stats

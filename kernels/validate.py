@@ -144,3 +144,25 @@ def fdfo_loss(v, v_ref, dxh, dR, clip, item_index) -> tuple[int, int]:
             raise ValueError(f"fdfo_loss: `item_index` values must lie in [0, {b}) (rows of `dxh`).")
     positive(fn, clip=clip)
     return m, d
+
+
+def grpo_loss(v, x_t, x_next, lp_old, adv, coef, v_ref, clip_range, adv_clip, kl_beta) -> tuple[int, int]:
+    fn = "grpo_loss"
+    names, tensors = ["v", "x_t", "x_next"], [v, x_t, x_next]
+    if v_ref is not None:
+        names.append("v_ref")
+        tensors.append(v_ref)
+    n, d = latents(fn, names, tensors)
+    if lp_old is not None:
+        per_sample(fn, "lp_old", lp_old, n, v.device)
+        per_sample(fn, "adv", adv, n, v.device)
+        positive(fn, clip_range=clip_range, adv_clip=adv_clip)
+        if kl_beta < 0:
+            raise ValueError(f"{fn}: `kl_beta` must be >= 0, got {kl_beta}.")
+    if not isinstance(coef, torch.Tensor) or coef.shape != (n, 6) or coef.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{fn}: `coef` must be a floating-point tensor of shape ({n}, 6) (from "
+                         f"kernels.reference.grpo_coefficients), got "
+                         f"{tuple(coef.shape) if isinstance(coef, torch.Tensor) else type(coef).__name__}.")
+    if coef.device != v.device:
+        raise ValueError(f"{fn}: `coef` is on {coef.device}, expected {v.device} like the latents.")
+    return n, d

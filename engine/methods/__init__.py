@@ -48,7 +48,8 @@ from engine.registry import Registry, is_import_path
 #: method name -> Method subclass; built-ins are "module:Class" paths imported when first used, so listing the
 #: names imports no torch code. ``method: mypkg.methods:MyMethod`` names a user's own Method subclass.
 METHODS = Registry("method", {"crd": "engine.methods.crd:CRD", "nft": "engine.methods.nft:NFT",
-                              "fdfo": "engine.methods.fdfo:FDFOMethod", "didr": "engine.methods.didr:DIDRMethod"})
+                              "fdfo": "engine.methods.fdfo:FDFOMethod", "didr": "engine.methods.didr:DIDRMethod",
+                              "grpo": "engine.methods.grpo:GRPOMethod"})
 
 
 def register(name: str):
@@ -133,7 +134,8 @@ class Method:
 
     def rank_state(self) -> dict:
         """This rank's method tensors to checkpoint beside the engine's (e.g. optimizers the method owns itself,
-        outside DeepSpeed); written with ``torch.save`` as ``method_rank{r}.pt``. Default: nothing."""
+        outside DeepSpeed); written as ``method_rank{r}.safetensors`` (``engine.checkpoint.write_tree``: tensors,
+        numbers, strings, lists, tuples, dicts; no other objects: nothing is unpickled on load). Default: nothing."""
         return {}
 
     def load_rank_state(self, state: dict) -> None:
