@@ -14,8 +14,16 @@ import triton
 
 from kernels.dispatch import interpreter_enabled
 
-# CUDA: enough programs to fill the SMs several times over (the kernels are bandwidth-bound).
-CUDA_BLOCK = 1024
+# CUDA: enough programs to fill the SMs several times over (the kernels are bandwidth-bound). One vector of 512
+# elements over 8 warps, for every D: 2 elements per thread (fp32: one 8-byte load per input and step). At 8 per thread
+# (BLOCK 1024 over 4 warps, the first geometry) ptxas gave the five-sum forward kernels 91-118 registers, 16-20
+# resident warps per SM; at 2 per thread every kernel needs <= 54 on sm_90a and sm_80, >= 32 of 64 warps resident
+# (benchmarks/README.md, "Ahead-of-time compilation"; at 4 per thread, 64-68 registers, 24 warps), and 32 warps x 32
+# threads x 5 loads x 8 B keeps 40 KB per SM in flight, more than HBM latency x bandwidth per SM asks (~25 KB on
+# H200). A fixed BLOCK (a short row only masks lanes) leaves 5 geometries (STEPS 1..16) to compile and check ahead of
+# time (kernels/aot.py). The interpreter's geometry below is separate, so CPU results do not depend on this choice.
+CUDA_BLOCK = 512
+CUDA_WARPS = 8
 CUDA_TARGET_PROGRAMS = 2048
 CUDA_MAX_STEPS = 16
 # Interpreter: every program and loop step costs Python time, so use few, wide programs (one chunk per row).
@@ -37,19 +45,18 @@ class Launch:
 
 def launch(rows: int, d: int, *, block: int | None = None, steps: int | None = None) -> Launch:
     """Grid geometry for ``rows`` rows of ``d`` elements (``block``/``steps`` force a geometry, for tests)."""
+    interp = interpreter_enabled()
     if block is None:
-        if interpreter_enabled():
-            block = min(triton.next_power_of_2(d), INTERP_MAX_BLOCK)
-        else:
-            block = min(triton.next_power_of_2(d), CUDA_BLOCK)
+        block = min(triton.next_power_of_2(d), INTERP_MAX_BLOCK) if interp else CUDA_BLOCK
     if steps is None:
         vectors = triton.cdiv(d, block)
-        if interpreter_enabled():
+        if interp:
             steps = min(triton.next_power_of_2(vectors), INTERP_MAX_STEPS)
         else:
             wanted_chunks = max(1, triton.cdiv(CUDA_TARGET_PROGRAMS, rows))
             steps = min(triton.next_power_of_2(triton.cdiv(vectors, wanted_chunks)), CUDA_MAX_STEPS)
-    num_warps = max(1, min(8, block // 256))
+    # 2 elements per thread, up to 8 warps (a forced block too; the interpreter ignores warps)
+    num_warps = max(1, min(CUDA_WARPS, block // 64))
     return Launch(block=block, steps=steps, chunks=triton.cdiv(d, block * steps), num_warps=num_warps)
 
 

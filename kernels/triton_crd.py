@@ -21,7 +21,7 @@ from kernels.triton_common import launch, partial_buffer, row_sums, rows2d
 N_SUMS = 5
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks"])  # only the partials' address: one compile, not three
 def _crd_fwd_kernel(v_ptr, vo_ptr, u_ptr, pc_ptr, pu_ptr, part_ptr, D, n_chunks, cfg_scale,
                     BLOCK: tl.constexpr, STEPS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -130,3 +130,11 @@ def crd_loss(v, v_old, u, v_pre_cond, v_pre_uncond, r01, rho, group_ids, *, beta
                                            group_mean_fn=group_mean_fn)
     stats.update(log_ratio=log_ratio.detach(), kl=kl.detach(), w_th=w_th, w_old=w_old)
     return loss, stats
+
+
+def aot_exercise(rows, d, dtype, device):
+    """Every launch of this module once at ``[rows, d]`` in ``dtype``, forward and backward (the hook of
+    :mod:`kernels.aot`, which passes meta tensors and records the launches instead of running them)."""
+    v, v_old, u, pc, pu = (torch.empty(rows, d, dtype=dtype, device=device) for _ in range(5))
+    log_ratio, kl, _, _ = _CRDSums.apply(v.requires_grad_(), v_old, u, pc, pu, 4.5, None, None, None)
+    (log_ratio.sum() + kl.sum()).backward()

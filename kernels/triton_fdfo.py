@@ -21,7 +21,7 @@ from kernels import reference
 from kernels.triton_common import launch, partial_buffer, row_sums, rows2d
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks"])  # only the partials' address: one compile, not three
 def _pairs_sumsq_kernel(x_ptr, part_ptr, D, n_chunks, BLOCK: tl.constexpr, STEPS: tl.constexpr):
     pair = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -73,7 +73,7 @@ def fdfo_pairs(x_final, rewards, *, block=None, steps=None):
     return (r - r[partner]) / 2, dxh.reshape(x_final.shape)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks"])  # only the partials' address: one compile, not three
 def _fdfo_fwd_kernel(v_ptr, vr_ptr, dxh_ptr, idx_ptr, part_ptr, D, n_chunks, BLOCK: tl.constexpr,
                      STEPS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -157,3 +157,15 @@ def fdfo_loss(v, v_ref, dxh, dR, *, clip=0.03, item_index=None, block=None, step
     dr = dR.detach().reshape(-1).float()[index]
     loss, rho = reference.fdfo_per_item(ell, ell_ref, dr, clip=clip)
     return loss, {"ratio": rho.detach(), "log_ratio": (ell - ell_ref).detach()}
+
+
+def aot_exercise(rows, d, dtype, device):
+    """Every launch of this module once at ``[rows, d]`` in ``dtype`` (``rows`` pairs, then ``rows`` items), forward
+    and backward (the hook of :mod:`kernels.aot`, which passes meta tensors and records the launches instead of
+    running them). ``dxh`` is fp32, as :func:`fdfo_pairs` makes it."""
+    x_final = torch.empty(2 * rows, d, dtype=dtype, device=device)
+    _, dxh = fdfo_pairs(x_final, torch.empty(2 * rows, device=device))
+    v, v_ref = (torch.empty(rows, d, dtype=dtype, device=device) for _ in range(2))
+    index = torch.arange(rows, device=device)
+    ell, _ = _FDFOSums.apply(v.requires_grad_(), v_ref, dxh, index, None, None)
+    ell.sum().backward()

@@ -22,7 +22,7 @@ from kernels import reference
 from kernels.reference import GRPO_B, GRPO_KL_SCALE
 from kernels.triton_common import launch, partial_buffer, row_sums, rows2d
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks"])  # n_chunks only addresses the partials: one compile, not three
 def _grpo_fwd_kernel(v_ptr, vr_ptr, xt_ptr, xn_ptr, coef_ptr, part_ptr, D, n_chunks, HAS_REF: tl.constexpr,
                      BLOCK: tl.constexpr, STEPS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -139,3 +139,14 @@ def grpo_loss(v, x_t, x_next, lp_old, adv, coef, *, v_ref=None, clip_range=1e-4,
     stats["log_prob"] = lp.detach()
     return loss, stats
 
+
+
+def aot_exercise(rows, d, dtype, device):
+    """Every launch of this module once at ``[rows, d]`` in ``dtype``, with and without the KL reference, forward and
+    backward (the hook of :mod:`kernels.aot`, which passes meta tensors and records the launches instead of
+    running them)."""
+    v, v_ref, x_t, x_next = (torch.empty(rows, d, dtype=dtype, device=device) for _ in range(4))
+    coef = torch.empty(rows, 6, dtype=torch.float32, device=device)
+    for ref in (None, v_ref):
+        sq, kl_sq = _GRPOSums.apply(v.detach().requires_grad_(), ref, x_t, x_next, coef, None, None)
+        (sq.sum() + kl_sq.sum()).backward()

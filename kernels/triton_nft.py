@@ -20,7 +20,7 @@ from kernels.triton_common import launch, partial_buffer, row_sums, rows2d
 N_SUMS = 5
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks"])  # only the partials' address: one compile, not three
 def _nft_fwd_kernel(v_ptr, vo_ptr, vp_ptr, xt_ptr, x0_ptr, sigma_ptr, part_ptr, D, n_chunks, beta,
                     BLOCK: tl.constexpr, STEPS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -127,3 +127,12 @@ def nft_loss(v, v_old, v_pre, x_t, x0, sigma, r01, *, beta=1.0, adv_clip=5.0, kl
                                     adv_clip=adv_clip, kl_beta=kl_beta)
     stats = {"l_pos": l_pos.detach(), "l_neg": l_neg.detach(), "w_pos": w_pos, "w_neg": w_neg, "kl": kl.detach()}
     return loss, stats
+
+
+def aot_exercise(rows, d, dtype, device):
+    """Every launch of this module once at ``[rows, d]`` in ``dtype``, forward and backward (the hook of
+    :mod:`kernels.aot`, which passes meta tensors and records the launches instead of running them)."""
+    v, v_old, v_pre, x_t, x0 = (torch.empty(rows, d, dtype=dtype, device=device) for _ in range(5))
+    sigma = torch.empty(rows, dtype=torch.float32, device=device)
+    l_pos, l_neg, kl, _, _ = _NFTSums.apply(v.requires_grad_(), v_old, v_pre, x_t, x0, sigma, 1.0, None, None)
+    (l_pos.sum() + l_neg.sum() + kl.sum()).backward()
