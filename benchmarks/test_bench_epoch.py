@@ -1,6 +1,7 @@
 """A whole CRD epoch: the engine (``engine.loop`` body: rollout, decode, reward, advantages, update, snapshots)
 vs the reference loop (``benchmarks/reference_loop.py``: the same math and draws in the reference-trainer
-structure). One measurement, interleaved rounds; the ratio is asserted against ``thresholds.yaml``.
+structure). One measurement, interleaved rounds; the ratio is asserted against ``thresholds.yaml``: the 0.8 floor
+everywhere, the 1.5x goal on CUDA only (issue 21: on CPU both loops pay for the same FLOPs).
 
 Testbed model at its published size (4 MMDiT layers, 4 heads x 32, 32x32 px; random weights), LoRA r16,
 P=1 prompt x G=4 samples, 4-step rollouts, K=2 timesteps, one optimizer step; reward ``testbed_geneval``.
@@ -89,10 +90,13 @@ def test_crd_epoch_engine_vs_reference(benchmark, measured, thresholds, record_r
     assert measured["ratio"] >= floor, _describe(measured)
 
 
-@pytest.mark.xfail(not torch.cuda.is_available(), strict=True,
-                   reason="issue 8 must-show (1.5x) does not hold on CPU: the engine and the reference loop run "
-                          "the same transformer FLOPs; the engine's fewer, larger calls (batched anchor, K timesteps "
-                          "stacked) measured 0.94x-1.04x on one CPU thread; see benchmarks/README.md")
-def test_crd_epoch_must_show(measured, thresholds):
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="issue 21: the 1.5x goal holds on GPU only (the engine's fewer, larger calls and fused "
+                           "losses save launches, syncs and memory passes, which a GPU pays for; on CPU both loops "
+                           "pay for the same transformer FLOPs: 0.94x-1.04x measured); on CPU the engine is held "
+                           "to the 0.8 floor of test_crd_epoch_engine_vs_reference, measured in the same run")
+def test_crd_epoch_must_show_on_gpu(measured, thresholds):
+    """issue 8's must-show, asserted where it can hold: reference / engine >= 1.5 on CUDA (same epoch, same rounds as
+    the floor test; the real-scale ratio is measured by ``benchmarks/gpu_check.py``)."""
     must = thresholds["crd_epoch_vs_reference"]["must_show"]
     assert measured["ratio"] >= must, _describe(measured)
