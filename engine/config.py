@@ -94,6 +94,9 @@ class TrainConfig:
                                        "backward (and one anchor pass, one snapshot pass): fewer, larger GEMMs, same "
                                        "gradient, K-fold activation memory (off by default: 3-6% slower on CPU, "
                                        "benchmarks/README.md; try it on GPUs with small micro-batches)")
+    compile: bool = opt(False, "torch.compile the model's network (every adapter; recompiles only in the first epoch)")
+    overlap_rewards: bool = opt(True, "score each rollout chunk (rollout.batch_size) in a background thread while "
+                                      "the next is sampled (same rewards as scoring after, for per-image rewards)")
 
 
 @dataclass
@@ -105,6 +108,14 @@ class DeepSpeedConfig:
     param_persistence_threshold: int = opt(100000, "ZeRO-3: parameters this small stay unpartitioned")
     reduce_bucket_size: int = opt(50_000_000, "ZeRO gradient reduce bucket (elements)")
     backend: str = opt("auto", "collective backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo")
+
+
+@dataclass
+class DistributedConfig:
+    timeout_s: float = opt(600.0, "seconds a collective may wait for a peer before it fails (the process-group "
+                                  "timeout); a rank whose heartbeat has been silent for half of it (stopped, frozen "
+                                  "or killed) is named in one line and the run exits with code 1 "
+                                  "(engine.distributed.Heartbeat)")
 
 
 @dataclass
@@ -144,6 +155,7 @@ class Config:
     rollout: RolloutConfig = opt(RolloutConfig(), "the sampler")
     train: TrainConfig = opt(TrainConfig(), "the optimisation")
     deepspeed: DeepSpeedConfig = opt(DeepSpeedConfig(), "ZeRO and collectives")
+    distributed: DistributedConfig = opt(DistributedConfig(), "process-group timeout and the stalled-rank watchdog")
     rewards: list[RewardSpec] = opt([RewardSpec()], "reward specs [{name, weight, backend, kwargs}]")
     log: LogConfig = opt(LogConfig(), "logging")
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "checkpoints and resume")
@@ -237,6 +249,8 @@ def validate(cfg: Config) -> None:
          cfg.deepspeed.optimizer)
     need(cfg.deepspeed.backend in ("auto", "nccl", "gloo"), "deepspeed.backend", "auto, nccl or gloo",
          cfg.deepspeed.backend)
+    need(math.isfinite(cfg.distributed.timeout_s) and cfg.distributed.timeout_s >= 1, "distributed.timeout_s",
+         "a number of seconds >= 1 (the heartbeat needs a few beats per timeout)", cfg.distributed.timeout_s)
     need(not cfg.deepspeed.offload_params or cfg.deepspeed.zero_stage == 3, "deepspeed.offload_params",
          "false unless deepspeed.zero_stage is 3", cfg.deepspeed.offload_params)
     need(not cfg.deepspeed.offload_optimizer or cfg.deepspeed.zero_stage >= 1, "deepspeed.offload_optimizer",

@@ -16,7 +16,7 @@ from engine.checkpoint import Checkpointer
 from engine.batch import BatchLayout, derive_batch, eligible_timesteps
 from engine.config import Config, ConfigError, to_dict
 from engine.methods import Method, get_method, section_name
-from engine.rollout import EngineModel
+from engine.rollout import EngineModel, compile_networks
 from engine.runlog import RunLogger, Timer
 from engine.snapshots import Snapshots
 from engine.stepper import EngineStepper
@@ -43,6 +43,7 @@ class Context:
     timer: Timer = field(default_factory=Timer)
     epoch: int = 0
     global_step: int = 0
+    reward_chunks: Any = None   # the rollout's chunk scorer while rewards overlap sampling (engine.rollout)
     _sigmas: torch.Tensor | None = None
 
     def sigmas(self) -> torch.Tensor:
@@ -59,6 +60,10 @@ def build(cfg: Config) -> tuple[Context, int]:
 
     method = get_method(cfg.method)(cfg)
     dist = distributed.init_distributed(cfg)
+    ckpt = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), dist, keep=cfg.checkpoint.keep)
+    resume = ckpt.resolve(cfg.checkpoint.resume)  # verified (a corrupt newest is skipped) before anything is built
+    if resume:
+        ckpt.check_config(resume, to_dict(cfg))  # another method/model/LoRA rank: one sentence, not a traceback
     timesteps = cfg.train.num_timesteps or eligible_timesteps(cfg.rollout.num_steps, cfg.train.timestep_fraction)
     if timesteps > eligible_timesteps(cfg.rollout.num_steps, cfg.train.timestep_fraction):
         raise ConfigError(f"config key 'train.num_timesteps' = {timesteps} exceeds the "
@@ -84,6 +89,8 @@ def build(cfg: Config) -> tuple[Context, int]:
     flow = build_model(cfg, method.adapters).to(dist.device)
     with torch.no_grad():
         flow.null_cond(1)  # cache the empty prompt now: under ZeRO-3 the anchor's forward must not run the encoder
+    if cfg.train.compile:
+        compile_networks(flow)
     engine = _initialize(flow, cfg, layout)
     model = EngineModel(flow, engine)
     schedules = method.schedules()
@@ -92,16 +99,15 @@ def build(cfg: Config) -> tuple[Context, int]:
     from engine.rewards import build_rewards
     rewards = build_rewards(cfg.rewards)
     run_dir = cfg.run_dir
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), dist, keep=cfg.checkpoint.keep)
     start_epoch, step = 0, 0
-    resume = ckpt.resolve(cfg.checkpoint.resume)
     if resume:
         state = ckpt.load(resume, engine, snapshots)
         sampler.check_state_dict(state["sampler"])
         method.load_state_dict(state.get("method", {}))
         method.load_rank_state(state["rank_state"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
-    logger = RunLogger(run_dir, cfg, dist.is_main, cfg.train.epochs)
+    logger = RunLogger(run_dir, cfg, dist.is_main, cfg.train.epochs,
+                       resumed_at=(step, start_epoch) if resume else None)
     if dist.is_main and not resume:
         import yaml
         os.makedirs(run_dir, exist_ok=True)

@@ -10,6 +10,7 @@ import torch
 from engine.config import Config, to_dict
 from engine.context import Context, build
 from engine.nvtx_ranges import nvtx_range
+from engine.rollout import overlapped_scoring
 from engine.runlog import peak_memory
 from engine.streams import LOOP_EVAL_EPOCH, Stream
 
@@ -48,14 +49,18 @@ def run_epoch(ctx: Context, epoch: int) -> tuple[dict, torch.Tensor | None, list
     m, n = ctx.method, ctx.layout.samples_per_rank
     ctx.epoch = epoch
     batch = ctx.sampler.epoch(epoch)
-    with ctx.timer.phase("rollout", n), nvtx_range("rollout/sample"):
-        ro = m.rollout(ctx, batch)
+    with ctx.timer.phase("rollout", n), nvtx_range("rollout/sample"), \
+            overlapped_scoring(ctx, m.needs_rewards and ctx.cfg.train.overlap_rewards) as chunks:
+        ro = m.rollout(ctx, batch)  # with overlap: each chunk is decoded and handed to the scoring thread
     adv, images = None, None
     if m.needs_rewards:
-        with ctx.timer.phase("decode", n), nvtx_range("rollout/decode"):
-            images = ctx.model.decode(ro.x0)
+        overlapped = chunks is not None and chunks.covers(len(ro))  # else (a rollout without chunks): score after
+        if not overlapped:
+            with ctx.timer.phase("decode", n), nvtx_range("rollout/decode"):
+                images = ctx.model.decode(ro.x0)
         with ctx.timer.phase("reward", n), nvtx_range("reward/score"):
-            scores = ctx.rewards.score(images, ro.prompts, ro.metadata)
+            images, scores = chunks.result() if overlapped else (images, ctx.rewards.score(images, ro.prompts,
+                                                                                           ro.metadata))
         with ctx.timer.phase("advantages", n), nvtx_range("advantages/compute"):
             adv = m.advantages(ctx, ro, scores)
     with ctx.timer.phase("train", n), nvtx_range("train/update"):

@@ -7,6 +7,7 @@ equal a single-process run with the same global batch, and a resumed run equal a
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -43,6 +44,29 @@ def sample_subsets(global_idx: torch.Tensor, pool: int, k: int, *, seed: int, ep
         gen.manual_seed(_seed(seed, epoch, stream, i))
         rows.append(torch.randperm(pool, generator=gen)[:k])
     return torch.stack(rows) if rows else torch.empty((0, k), dtype=torch.long)
+
+
+def compile_networks(model: FlowModel) -> list:
+    """``train.compile``: ``torch.compile`` every network an adapter of ``model`` runs, in place
+    (``nn.Module.compile``), so parameter names, checkpoints, LoRA export and the DeepSpeed engine that wraps the
+    model see the same modules. Dynamo guards on each LoRA layer's active adapter and on the grad mode, so every
+    (adapter, grad mode) pair a method uses is one graph, plus one when a second batch size makes the batch dimension
+    dynamic: all compiled in the first epoch and reused after (``tests/test_train_compile.py`` counts them). Returns
+    the compiled networks."""
+    import torch._dynamo
+
+    from engine.errors import ConfigError
+    if getattr(model, "adapted_attr", "") == "unet":
+        raise ConfigError("config key 'train.compile' must be false for a UNet family (onestep): torch's inductor "
+                          "gives wrong LoRA gradients on the diffusers UNet (zero in the mid block; measured with "
+                          "torch 2.13, tests/test_train_compile.py)")
+    nets = list({id(m): m for m in (model.adapters.module(n) for n in model.adapters.names)}.values())
+    # every compiled network shares nn.Module's call code, whose cache holds one entry per graph of all of them
+    need = 2 * (len(model.adapters.names) + 1) * len(nets)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, need)
+    for net in nets:
+        net.compile()
+    return nets
 
 
 class EngineModel:
@@ -149,5 +173,24 @@ def ode_rollout(ctx, batch, adapter: str) -> Rollout:
     for start in range(0, len(ro), bs):
         sl = slice(start, start + bs)
         outs.append(sample_ode(ctx.model, noise[sl], ro.cond.index(sl), sigmas, adapter=adapter))
+        if getattr(ctx, "reward_chunks", None) is not None:  # train.overlap_rewards: scored while the next samples
+            ctx.reward_chunks.add(sl.start, sl.start + len(outs[-1]), outs[-1], ro.prompts[sl], ro.metadata[sl])
     ro.x0 = torch.cat(outs)
     return ro
+
+
+@contextmanager
+def overlapped_scoring(ctx, on: bool):
+    """Inside the block ``ode_rollout`` hands every finished chunk to a :class:`~engine.rewards.ChunkScoring`
+    (yielded; None when ``on`` is false), which decodes it and scores it in a worker thread while the next chunk is
+    sampled."""
+    if not on:
+        yield None
+        return
+    from engine.rewards.async_backend import ChunkScoring
+    ctx.reward_chunks = scoring = ChunkScoring(ctx.rewards, ctx.model.decode)
+    try:
+        yield scoring
+    finally:
+        ctx.reward_chunks = None
+        scoring.close()

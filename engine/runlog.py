@@ -5,7 +5,8 @@
   extrema across ranks and ONE host transfer, giving ``name/mean``, ``name/std``, ``name/min``, ``name/max``.
 - :class:`RunLogger` (rank 0 only writes): JSONL (``metrics.jsonl``, one record per optimizer step plus epoch
   records), TensorBoard (when installed), Weights & Biases (when asked and installed), a one-line progress bar, and
-  PNG sample grids.
+  PNG sample grids. A resumed run first rewinds ``metrics.jsonl`` to its checkpoint (:func:`rewind_jsonl`), so the
+  epochs it replays are not recorded twice: readers never need to de-duplicate.
 """
 from __future__ import annotations
 
@@ -110,10 +111,60 @@ def peak_memory() -> dict[str, float]:
         return {}
 
 
-class RunLogger:
-    """Rank-0 sinks: JSONL, TensorBoard, wandb, progress line, sample grids. Other ranks do nothing."""
+def _replayed(rec, step: int, epoch: int) -> bool:
+    """True for a record written after the checkpoint of (optimizer step ``step``, next epoch ``epoch``): a later
+    step, or an epoch/eval record of an epoch >= ``epoch`` (an epoch without optimizer steps keeps the step)."""
+    if not isinstance(rec, dict):
+        return False
+    s, e = rec.get("step"), rec.get("epoch")
+    return (isinstance(s, (int, float)) and s > step) or (isinstance(e, (int, float)) and e >= epoch)
 
-    def __init__(self, run_dir: str, cfg, is_main: bool, total_epochs: int) -> None:
+
+def rewind_jsonl(path: str, step: int, epoch: int) -> int:
+    """Drop the records of ``path`` that a run resumed from (``step``, ``epoch``) writes again, and a torn last
+    line (a writer killed mid-record); atomic (temp file, fsync, rename). Returns how many lines were dropped."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    keep, dropped = [], 0
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            if i == len(lines) - 1:  # no newline after it: the last write was cut short
+                dropped += 1
+                continue
+            rec = None  # somebody else's line: kept as it is
+        if _replayed(rec, step, epoch):
+            dropped += 1
+        else:
+            keep.append(raw)
+    if dropped:
+        tmp = path + ".rewind"
+        with open(tmp, "wb") as f:
+            f.write(b"".join(line + b"\n" for line in keep))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return dropped
+
+
+class RunLogger:
+    """Rank-0 sinks: JSONL, TensorBoard, wandb, progress line, sample grids. Other ranks do nothing.
+
+    ``resumed_at=(step, epoch)``: the run continues from a checkpoint taken after optimizer step ``step`` with
+    ``epoch`` the next epoch; ``metrics.jsonl`` is first rewound to it (:func:`rewind_jsonl`)."""
+
+    def __init__(self, run_dir: str, cfg, is_main: bool, total_epochs: int,
+                 resumed_at: tuple[int, int] | None = None) -> None:
         self.is_main, self.run_dir, self.total = is_main, run_dir, total_epochs
         self.tb = self.wandb = None
         self.jsonl = None
@@ -121,6 +172,8 @@ class RunLogger:
         if not is_main:
             return
         os.makedirs(run_dir, exist_ok=True)
+        if resumed_at is not None:
+            rewind_jsonl(os.path.join(run_dir, "metrics.jsonl"), *resumed_at)
         self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         if cfg.log.tensorboard:
             try:

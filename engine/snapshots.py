@@ -98,7 +98,14 @@ class Snapshots:
         for name, sched in self.schedules.items():
             lam = float(sched(step))
             out[f"decay/{name}"] = lam
+            done: set[int] = set()
             for key, d, s in self._storage_pairs(name):
+                # on ONE rank DeepSpeed's whole copy of a persistent parameter IS its partition (deepspeed 0.19.8
+                # runtime/zero/partition_parameters.py:1559 skips the gather, NoGatherHandle:74 sets
+                # param.data = ds_tensor.data.to(same device).view): updating both would step it twice (lam**2)
+                if d.data_ptr() in done:
+                    continue
+                done.add(d.data_ptr())
                 if d.dtype == torch.float32:
                     d.mul_(lam).add_(s, alpha=1.0 - lam)
                 else:
@@ -124,4 +131,7 @@ class Snapshots:
                                  "model, LoRA rank or ZeRO-3 world size)")
             for d, s in zip(mine, saved):
                 d.copy_(s)
-        self.masters = {tuple(k): m.clone() for k, m in state.get("masters", {}).items()}
+        # each master goes where its storage lives (checkpoints are read onto the CPU)
+        where = {key: d.device for name in self.schedules for key, d, _ in self._storage_pairs(name)}
+        self.masters = {tuple(k): m.to(where.get(tuple(k), m.device), copy=True)
+                        for k, m in state.get("masters", {}).items()}

@@ -112,7 +112,7 @@ def test_didr_eval_samples_are_the_one_step_generator(tmp_path):
 
 
 def test_didr_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
-    """DIDR's two optimizers are its own (not DeepSpeed's): their AdamW moments travel in ``method_rank0.pt``, so a
+    """DIDR's two optimizers are its own (not DeepSpeed's): their AdamW moments travel in ``method_rank0.safetensors``, so a
     run stopped after epoch 1 and resumed matches the uninterrupted one exactly (generator and TA losses)."""
     from tests.test_engine_helpers import step_losses
 
@@ -120,7 +120,8 @@ def test_didr_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
     common = {"checkpoint.every": 1, "checkpoint.keep": 5, "didr.ta_steps": 1}
     run_config(didr_overrides(full, **{**common, "train.epochs": 2}), config=CONFIG)
     run_config(didr_overrides(split, **{**common, "train.epochs": 1}), config=CONFIG)
-    state = torch.load(os.path.join(split, "checkpoints", "step-00000002", "method_rank0.pt"), weights_only=False)
+    from engine.checkpoint import read_tree
+    state = read_tree(os.path.join(split, "checkpoints", "step-00000002", "method_rank0.safetensors"))
     assert set(state) == {"generator_opt", "ta_opt"} and state["generator_opt"]["state"]  # moments, not empty
     run_config(didr_overrides(split, **{**common, "train.epochs": 2, "checkpoint.resume": "auto"}), config=CONFIG)
     for key in ("generator_loss/mean", "ta_loss/mean"):
