@@ -118,6 +118,21 @@ def test_metrics_of_exact_target_samples_sit_at_the_noise_floor():
     assert m["overshoot"] < -10 * m["reward_se"] and m["sw2"] > 0.5  # measured 0.89
 
 
+def test_calls_to_reach_interpolates_between_kept_epochs_and_says_never():
+    """The comparison's "reward calls to reach GRPO's final E[R]": first crossing, linear between kept epochs."""
+    from engine.known_answer.compare import calls_to_reach, reach_table
+
+    curve = [{"epoch": e, "tilt": {"reward": r}} for e, r in ((0, 0.0), (10, 0.4), (20, 1.2), (30, 0.8))]
+    assert calls_to_reach(curve, "tilt", 0.8, 48) == pytest.approx(15 * 48)  # halfway from 0.4 to 1.2
+    assert calls_to_reach(curve, "tilt", 0.0, 48) == 0.0                     # reached before training
+    assert calls_to_reach(curve, "tilt", 1.3, 48) is None
+    recs = {m: {"curve": c, "final": c[-1], "reward_calls": 30 * 48} for m, c in
+            (("grpo", curve), ("slow", [{"epoch": e, "tilt": {"reward": 0.01 * e}} for e in (0, 10, 20, 30)]))}
+    table = reach_table(recs, ["tilt"])
+    # the reference itself reaches its final 0.8 on the way up (15 epochs), before it falls back to it
+    assert "| grpo | 720 |" in table and "| slow | never (final 0.300) |" in table
+
+
 @pytest.mark.slow
 def test_pretrained_network_floor_is_below_its_measured_bound():
     """The default pretrained MLP (2000 flow-matching steps; ~60 s the first time, then cached under $RLFLOW_CACHE):
@@ -138,7 +153,7 @@ def _metrics(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["crd", "nft", "fdfo", "didr"])
+@pytest.mark.parametrize("method", ["crd", "nft", "fdfo", "didr", "grpo"])
 def test_engine_trains_every_method_on_the_gmm_family(method, tmp_path):
     """``engine/train.py --config configs/known_answer/<method>.yaml`` for one epoch (a 200-step pretrained MLP: the
     plumbing, not the quality), with the loop's before/after evaluation and a sample-grid epoch (points: no PNG)."""
@@ -163,12 +178,12 @@ def test_engine_trains_every_method_on_the_gmm_family(method, tmp_path):
 def test_compare_command_on_a_tiny_setting(tmp_path):
     out = tmp_path / "ka"
     cmd = [sys.executable, "-m", "engine.known_answer.compare", "--out", str(out), "--epochs", "2",
-           "--methods", "crd_exact,didr", "--eval-every", "1", "--samples", "128", "--pretrain-steps", "200",
-           "--set", "didr:didr.init_regression_steps=20"]
+           "--methods", "crd_exact,didr,grpo_fast", "--eval-every", "1", "--samples", "128", "--pretrain-steps",
+           "200", "--set", "didr:didr.init_regression_steps=20"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads((out / "results.json").read_text())
-    assert set(res["methods"]) == {"crd_exact", "didr"}
+    assert set(res["methods"]) == {"crd_exact", "didr", "grpo_fast"}
     for m, rec in res["methods"].items():
         assert [c["epoch"] for c in rec["curve"]] == [0, 1, 2]
         assert rec["reward_calls"] == 2 * 48
@@ -177,7 +192,8 @@ def test_compare_command_on_a_tiny_setting(tmp_path):
                 assert math.isfinite(rec["final"][p][k]), (m, p, k)
     assert math.isfinite(res["floors"]["network"]["mean"]["floor"])
     table = (out / "results.md").read_text()
-    assert "| crd_exact |" in table and "| didr |" in table and "nan" not in table
+    assert "| crd_exact |" in table and "| didr |" in table and "| grpo_fast |" in table and "nan" not in table
+    assert res["methods"]["grpo_fast"]["algo"]["window_size"] == 3  # the Fast preset's overrides reached the run
     from PIL import Image
     with Image.open(out / "curves.png") as im:
         assert im.width > 100 and im.height > 100

@@ -3,12 +3,13 @@
 One command (from the repository root)::
 
     python -m engine.known_answer.compare --out runs/known_answer [--world several] [--epochs N]
-        [--methods crd_exact,crd,nft,fdfo,didr,di++] [--eval-every K] [--samples N] [--pretrain-steps S]
+        [--methods crd_exact,crd,nft,fdfo,didr,di++,grpo,grpo_fast] [--eval-every K] [--samples N]
+        [--pretrain-steps S]
 
 Each method trains in this process from the recipe ``configs/known_answer/<recipe>.yaml`` (contexts built by
 :func:`engine.context.build`, one :func:`engine.loop.run_epoch` per epoch) on the same world, for the same
-``--epochs`` and the same 48 scored samples per epoch (CRD/NFT/DIDR: P = 3 prompt lines x G = 16; FDFO: 24 lines x one
-pair), so every method makes the same number of reward calls. Every ``--eval-every`` epochs (and before the first
+``--epochs`` and the same 48 scored samples per epoch (CRD/NFT/DIDR/GRPO: P = 3 prompt lines x G = 16; FDFO: 24 lines x
+one pair), so every method makes the same number of reward calls. Every ``--eval-every`` epochs (and before the first
 and after the last) the policy's samples of every prompt at fixed noise (the method's own evaluation sampler: the
 rollout ODE, FDFO's own steps, DIDR's one-step generator) are kept; at the end they are measured
 (:mod:`engine.known_answer.metrics`) against the exact ``p* = p_ref exp(R / beta) / Z`` at the method's target
@@ -20,8 +21,11 @@ temperature:
   estimator is not the ELBO, so in practice it is not: see ``crd_elbo``); target beta = ``crd.beta``;
 - ``crd``: CRD at its defaults (normalised reward, moving theta_old, KL to the CFG-guided anchor): target beta = the
   logged ``crd/beta_eff = 2 A_max beta std(R)`` averaged over the last quarter of the epochs;
-- ``nft``, ``fdfo``: no fixed point of that form: measured against the ``crd`` target (else ``crd_exact``'s) for
-  reference;
+- ``nft``, ``fdfo``, ``grpo``, ``grpo_fast``: no fixed point of that form (GRPO: the reward enters as per-epoch
+  standardised advantages, so no fixed temperature, and its KL is the per-step mean-matching surrogate): measured
+  against the ``crd`` target (else ``crd_exact``'s) for reference; ``grpo``: the GenEval preset's method settings
+  without CFG (``configs/known_answer/grpo.yaml``), ``grpo_fast``: the same with the official Fast preset's window,
+  cps sampler, noise, clip and no KL;
 - ``didr``: the one-step generator with the exact teacher (``model.size.teacher: exact``) and the exact reward
   gradient through the Diffused Reward Proxy: target beta = ``didr.beta``; ``di++``: the same with DI++'s terminal
   reward (``didr.reward_mode: terminal``);
@@ -30,7 +34,9 @@ temperature:
 
 Floors: the pretrained network's own SW2 to exact ``p_ref`` samples (its ODE at ``rollout.num_steps``), the exact
 velocity's (the ODE discretisation alone), and pairs of exact sample sets (the noise floor at ``--samples``).
-Writes ``<out>/results.json``, ``<out>/results.md`` (the tables) and ``<out>/curves.png`` (PIL).
+With ``grpo`` in the run, a third table gives the reward calls each method's E[R] needs to first reach GRPO's final
+E[R] on each rewarded prompt (the FDFO and NFT papers' claim). Writes ``<out>/results.json``, ``<out>/results.md``
+(the tables) and ``<out>/curves.png`` (PIL).
 """
 from __future__ import annotations
 
@@ -49,7 +55,7 @@ import torch
 
 #: the repository root (this file is engine/known_answer/compare.py)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-METHODS = ("crd_exact", "crd", "nft", "fdfo", "didr", "di++")
+METHODS = ("crd_exact", "crd", "nft", "fdfo", "didr", "di++", "grpo", "grpo_fast")
 #: also available (not in the default list): crd_exact with the ELBO log-ratio estimator (crd.log_ratio: elbo)
 EXTRA_METHODS = ("crd_elbo",)
 #: method -> (recipe under configs/known_answer, extra overrides)
@@ -62,9 +68,15 @@ RECIPES = {
     "fdfo": ("fdfo", []),
     "didr": ("didr", []),
     "di++": ("didr", ["didr.reward_mode=terminal"]),
+    "grpo": ("grpo", []),
+    # the official Flow-GRPO-Fast preset (configs/sd35m_geneval_grpo_fast.yaml): an SDE window of 3 steps in 0-4,
+    # ODE elsewhere, only the window trained, cps, noise 0.8, clip 1e-5, no KL (and no CFG, as every row here)
+    "grpo_fast": ("grpo", ["grpo.window_size=3", "grpo.window_range=[0,5]", "grpo.sde_type=cps",
+                           "grpo.noise_level=0.8", "grpo.clip_range=1.0e-5", "grpo.kl_beta=0"]),
 }
 COLORS = {"crd_exact": (200, 30, 30), "crd_elbo": (120, 0, 0), "crd": (240, 140, 20), "nft": (30, 120, 220), "fdfo": (40, 160, 60),
-          "didr": (140, 60, 200), "di++": (120, 120, 120), "pretrained": (0, 0, 0)}
+          "didr": (140, 60, 200), "di++": (120, 120, 120), "grpo": (0, 170, 170), "grpo_fast": (220, 60, 160),
+          "pretrained": (0, 0, 0)}
 
 
 def has_raw_reward_scale() -> bool:
@@ -222,6 +234,53 @@ def tables(results: dict, fl: dict, prompts: Sequence[str]) -> str:
     return md(head1, rows1) + "\n\n" + md(head2, rows2)
 
 
+def calls_to_reach(curve: Sequence[dict], prompt: str, level: float, calls_per_epoch: int) -> float | None:
+    """Reward calls after which ``curve``'s E[R] on ``prompt`` first reaches ``level`` (linear between the kept
+    epochs, so the resolution is ``--eval-every`` epochs); None if it never does."""
+    prev = None
+    for c in curve:
+        e, r = c["epoch"], c[prompt]["reward"]
+        if math.isfinite(r) and r >= level:
+            if prev is None or prev[1] >= r:
+                return float(e * calls_per_epoch)
+            e0, r0 = prev
+            return float((e0 + (level - r0) / (r - r0) * (e - e0)) * calls_per_epoch)
+        prev = (e, r) if math.isfinite(r) else prev
+    return None
+
+
+def reach_table(results: dict, prompts: Sequence[str], ref: str = "grpo") -> str:
+    """Markdown: per method and rewarded prompt, the reward calls its E[R] needs to reach ``ref``'s final E[R]
+    (the papers' claim: FDFO and NFT reach GRPO's reward in fewer calls). Works on in-memory records and on a
+    ``results.json``'s ``methods`` (both hold ``curve`` and ``reward_calls``)."""
+    if ref not in results:
+        return ""
+    epochs = results[ref]["curve"][-1]["epoch"]
+    rewarded = [p for p in prompts if any(abs(c[p]["reward"]) > 0 for c in results[ref]["curve"])]
+    head = ["method"] + [f"{p}: calls to reach {ref}'s final E[R] {results[ref]['final'][p]['reward']:.3f}"
+                         for p in rewarded]
+    rows = []
+    for m, rec in results.items():
+        per_epoch = rec["reward_calls"] // max(1, rec["curve"][-1]["epoch"])
+        row = [m]
+        for p in rewarded:
+            c = calls_to_reach(rec["curve"], p, results[ref]["final"][p]["reward"], per_epoch)
+            row.append("never (final %.3f)" % rec["final"][p]["reward"] if c is None else f"{c:.0f}")
+        rows.append(row)
+    return "\n".join([f"Reward calls to reach `{ref}`'s final E[R] (after {epochs} epochs; linear between the kept "
+                      "epochs):", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def robust_range(ys: Sequence[float], k: float = 4.0) -> tuple[float, float]:
+    """The y-range of a panel: the data's, but not beyond ``k`` interquartile ranges past the quartiles, so one
+    run-away method (grpo_fast's tilt E[R] of 30+) does not flatten every other curve into one line."""
+    q = sorted(ys)
+    q1, q3 = q[len(q) // 4], q[(3 * len(q)) // 4]
+    iqr = max(q3 - q1, 1e-3 * max(1.0, abs(q3)))
+    return max(q[0], q1 - k * iqr), min(q[-1], q3 + k * iqr)
+
+
 def plot(results: dict, fl: dict, prompts: Sequence[str], path: str) -> str:
     """PNG (PIL): per rewarded prompt E[R] against epoch (each method's exact E_{p*}[R] dashed), per flat prompt
     (no reward: p* = p_ref) and averaged over the prompts the SW2 to p* with the floors."""
@@ -255,16 +314,17 @@ def plot(results: dict, fl: dict, prompts: Sequence[str], path: str) -> str:
         xs = [e for s in series.values() for e, _ in s] or [0, 1]
         if not ys:
             continue
-        y0, y1 = min(ys), max(ys)
+        y0, y1 = robust_range(ys)
         if y1 - y0 < 1e-9:
             y0, y1 = y0 - 0.5, y1 + 0.5
         y0, y1 = y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0)
+        clipped = any(not y0 <= y <= y1 for q in series.values() for _, y in q)
         x0, x1 = min(xs), max(max(xs), min(xs) + 1)
 
         def to(e, y):
             return (ox + pad + (e - x0) / (x1 - x0) * (W - pad - 12), oy + 20 + (y1 - y) / (y1 - y0) * (H - 60))
         d.rectangle([to(x0, y1), to(x1, y0)], outline=(0, 0, 0))
-        d.text((ox + pad, oy + 4), title, fill=(0, 0, 0))
+        d.text((ox + pad, oy + 4), title + (" (clipped)" if clipped else ""), fill=(0, 0, 0))
         for v in (y0, (y0 + y1) / 2, y1):
             d.text((ox + 2, to(x0, v)[1] - 5), f"{v:.2f}", fill=(0, 0, 0))
         d.text((ox + pad, oy + H - 36), f"{x0:g}", fill=(0, 0, 0))
@@ -282,7 +342,7 @@ def plot(results: dict, fl: dict, prompts: Sequence[str], path: str) -> str:
                     d.line([(xx, a[1]), (min(xx + step, b[0]), a[1])], fill=col, width=1)
                     xx += 2 * step
         for m, s in series.items():
-            pts = [to(e, y) for e, y in s]
+            pts = [to(e, min(max(y, y0), y1)) for e, y in s]
             if len(pts) > 1:
                 d.line(pts, fill=COLORS.get(m, (0, 0, 0)), width=2)
             for q in pts:
@@ -386,7 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "importance weights: the optimum reachable from this network; its gap to the exact value is the network's "
         "floor in reward units); SW2 = sliced W2 to as many exact p* samples; occupancy = fraction nearest each of p*'s component "
         "means (in parentheses: exact p* samples), TV = total variation between the two.", "",
-        *notes, "", tables(results, fl, prompts), "", f"Curves: `{os.path.relpath(png, ROOT)}`.", ""])
+        *notes, "", tables(results, fl, prompts), "", reach_table(results, prompts), "",
+        f"Curves: `{os.path.relpath(png, ROOT)}`.", ""])
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
     print(text)

@@ -1,22 +1,23 @@
-"""Side-by-side comparison on the testbed: base vs CRD vs NFT vs FDFO vs DIDR at equal reward-call budgets.
+"""Side-by-side comparison on the testbed: base vs CRD vs NFT vs FDFO vs DIDR vs GRPO at equal reward-call budgets.
 
 One command (from the repository root)::
 
-    python -m engine.testbed.compare [--methods crd,nft,fdfo,didr] [--reward-calls N] [--samples-per-prompt 2]
+    python -m engine.testbed.compare [--methods crd,nft,fdfo,didr,grpo] [--reward-calls N] [--samples-per-prompt 2]
                                      [--samples-per-family 64]
                                      [--out docs/results/testbed_comparison.md] [--runs runs/compare] [--jobs 1]
                                      [--reuse-existing] [--base checkpoints/testbed/base] [--base-cfg 4.5]
 
 For each method it trains ``configs/testbed_<method>.yaml`` (``engine/train.py``, one process) for
 ``reward_calls // (prompts_per_epoch * group_size)`` epochs (default budget: the CRD recipe's), so every method
-scores the same number of generated images with its reward (CRD/NFT/FDFO: rollout samples scored by the GenEval
+scores the same number of generated images with its reward (CRD/NFT/FDFO/GRPO: rollout samples scored by the GenEval
 rules; DIDR: generator samples scored by the differentiable classifier reward), all from a frozen copy of the base
 checkpoint taken at the start; each training's progress is printed from its ``metrics.jsonl``. Then the base model
 (rollout ODE, no LoRA), the base sampled with classifier-free guidance ``--base-cfg`` (default: the CRD recipe's
 KL-anchor scale, the guided model CRD distills; 0 = no such row) and every trained checkpoint (the method's own
-sampler: DIDR one step) are evaluated on the held-out prompts with the same noise per (prompt, sample)
-(``engine.testbed.eval``), and one markdown table (strict accuracy per family + overall, partial-credit reward, unseen
-metrics, training wall time, reward calls) is written with the machine, the load and the date. ``--skip-training``
+sampler: DIDR one step, GRPO the ODE with its CFG 4.5) are evaluated on the held-out prompts with the same noise per
+(prompt, sample) (``engine.testbed.eval``), and one markdown table (strict accuracy per family + overall,
+partial-credit reward, unseen metrics, training wall time, reward calls) is written with the machine, the load and
+the date. ``--skip-training``
 evaluates existing runs under ``--runs`` (``<runs>/testbed_<method>``; the table then says so, and their wall time
 comes from the run's files).
 """
@@ -37,7 +38,7 @@ from engine.data.jsonl import read_jsonl
 
 #: the repository root (this file is engine/testbed/compare.py)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-METHODS = ("crd", "nft", "fdfo", "didr")
+METHODS = ("crd", "nft", "fdfo", "didr", "grpo")
 
 
 def epochs_for(method: str, reward_calls: int) -> tuple[int, int]:
@@ -273,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "- base = the pretrained model sampled with the rollout ODE"
         + (f"; {cfg_row} = the same with classifier-free guidance {args.base_cfg:g} (no training: "
            "the guided model CRD's KL anchor pulls toward; CRD and NFT sample without guidance)" if cfg_row else "")
-        + "; DIDR = its one-step generator; FDFO = its own sampler steps.",
+        + "; DIDR = its one-step generator; FDFO = its own sampler steps; GRPO = the rollout ODE with its training "
+        "CFG (grpo.cfg_scale, as the official evaluation).",
         "",
         table,
         "",
