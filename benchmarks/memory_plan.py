@@ -155,3 +155,86 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ------------------------------------------------------------------------------- LoRA under ZeRO-2 / ZeRO-3
+#: activation bytes kept for backward per token, per hidden unit and per SD3.5-M (MMDiT, dual-attention) block at
+#: 2-byte activations, no activation checkpointing: measured by ``benchmarks/realscale_cpu.py`` on 2026-12-03 as the
+#: epoch peak's slope over the micro-batch (1 -> 2 samples per rank at 128 px: +83 MiB over 397 tokens x 1536 x 2
+#: blocks). Twice the 34 of a plain transformer block (Korthikanti et al. 2022, Table 2, without the s^2 term): two
+#: token streams with AdaLN-Zero modulated copies, QK RMS-norm, the second (image-only) attention, LoRA inputs.
+ACT_BYTES_SD3_BLOCK = 71
+
+
+def lora_plan(counts: dict, *, stage: int, world: int, micro_batch: int, resolution: int, blocks: int,
+              text_tokens: int = 333, dtype_bytes: int = BF16, persistence: int = 100000,
+              reduce_bucket: int = 50_000_000, max_live_parameters: float = 1e9, patch: int = 2,
+              vae_factor: int = 8, device: str = "gpu", act_bytes: float = ACT_BYTES_SD3_BLOCK,
+              runtime_bytes: float = 0.0) -> dict:
+    """Per-rank memory of an SD3-style transformer trained with LoRA adapters under ZeRO-2 or ZeRO-3 (the engine's
+    ``model.finetune: lora`` path; ``benchmarks/realscale_cpu.py`` measures it on 2 CPU ranks).
+
+    ``counts`` (elements): ``transformer_base`` (frozen network), ``base_persistent`` (its parameters of at most
+    ``persistence`` elements, which ZeRO-3 keeps whole on every rank), ``buffers`` (not partitioned: SD3's
+    positional table), ``lora`` ({adapter: elements}; ``policy`` trained, the others snapshots), ``trainable``,
+    ``text`` and ``vae`` (frozen, outside DeepSpeed, whole on every rank), ``width``. Returns ``lines`` (bytes),
+    ``states_total`` (what the built engine holds before an epoch), ``working_set`` and ``activations`` (added
+    during the epoch) and ``total`` (the epoch peak).
+
+    What is counted: the frozen base in the model dtype, partitioned by ZeRO-3 (parameters above the persistence
+    threshold) and whole under ZeRO-2; every LoRA adapter whole (its matrices, r x 1536, are below the persistence
+    threshold); an fp32 master per snapshot adapter (``engine.snapshots`` keeps one for bf16 weights); the policy's
+    fp32 master and AdamW m, v partitioned over the ranks (stage 1+); its gradients in the model dtype plus the fp32
+    reduced partition; DeepSpeed's contiguous-gradient reduce bucket of ``reduce_bucket`` elements in the model
+    dtype (allocated at ZeRO-3's init, at ZeRO-2's first backward); under ZeRO-3 the gathered parameters of the
+    layers in flight (the whole partitioned base while it is below ``max_live_parameters``: DeepSpeed's default
+    ``stage3_max_reuse_distance`` keeps them gathered between forward and backward); activations of one
+    micro-batch's policy forward without checkpointing (``act_bytes`` per token, hidden unit and block, scaled by
+    ``dtype_bytes / 2``); ``runtime_bytes``: the process's resident memory outside tensors (imports done inside the
+    run, DeepSpeed and gloo state; about 200 MiB per CPU rank, measured at the tiny size), 0 for device memory.
+
+    ``device``: ``gpu`` counts what the CUDA caching allocator reserves (the whole reduce bucket); ``cpu`` counts
+    resident pages, as the CPU measurement sees them: of the reduce bucket only the elements the gradients fill
+    (``min(bucket, trainable)``; untouched pages of ``torch.empty`` are not resident), plus, under ZeRO-3, gloo's
+    staging copy of one all-gather (gloo gathers into a new flat tensor and copies it out; NCCL gathers in
+    place), at most one prefetch bucket (``stage3_prefetch_bucket_size``, the engine sets it to ``reduce_bucket``)."""
+    if device not in ("gpu", "cpu"):
+        raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
+    if stage not in (2, 3):
+        raise ValueError(f"lora_plan covers ZeRO stages 2 and 3, got {stage}")
+    b = dtype_bytes
+    lora = counts["lora"]
+    t = counts["trainable"]
+    base, persistent = counts["transformer_base"], counts.get("base_persistent", 0)
+    partitioned = base - persistent
+    snapshots = sum(v for k, v in lora.items() if k != "policy")
+    lines = {
+        "transformer base, frozen (whole; ZeRO-3: partitioned)":
+            b * (persistent + partitioned / world if stage == 3 else base),
+        "transformer buffers (positional table, whole)": b * counts.get("buffers", 0),
+        f"LoRA adapters ({', '.join(lora)}; whole)": b * sum(lora.values()),
+        "snapshot fp32 masters": (FP32 * snapshots) if b < FP32 else 0.0,
+        "policy fp32 master + AdamW m, v (partitioned)": ((FP32 if b < FP32 else 0) + 2 * FP32) * t / world,
+        "policy gradients (model dtype) + fp32 reduced partition": b * t + FP32 * t / world,
+        "text encoders + VAE (frozen, whole)": b * (counts.get("text", 0) + counts.get("vae", 0)),
+        "process runtime outside tensors (CPU ranks)": runtime_bytes,
+    }
+    bucket_key = (f"reduce bucket ({reduce_bucket:.0e} elements)" if device == "gpu" else
+                  "reduce bucket (the elements gradients fill)")
+    lines[bucket_key] = b * (reduce_bucket if device == "gpu" else min(reduce_bucket, t))
+    # before the epoch: no gradients yet; the bucket is reserved then only by ZeRO-3 on a GPU (CPU pages unwritten)
+    state_keys = [k for k in lines if not k.startswith("policy gradients")
+                  and (k != bucket_key or (stage == 3 and device == "gpu"))]
+    states = sum(lines[k] for k in state_keys)
+    working = b * min(max_live_parameters, partitioned) if stage == 3 else 0.0
+    staging = b * min(reduce_bucket, partitioned) if stage == 3 and device == "cpu" else 0.0
+    tokens = (resolution // (vae_factor * patch)) ** 2 + text_tokens
+    acts = micro_batch * blocks * tokens * counts["width"] * act_bytes * b / 2
+    lines["ZeRO-3 gathered parameters (layers in flight)"] = working
+    if device == "cpu":
+        lines["ZeRO-3 gloo all-gather staging (CPU only)"] = staging
+    lines[f"activations (micro-batch {micro_batch}, {tokens} tokens, {blocks} blocks)"] = acts
+    total = sum(lines.values())
+    return {"lines": lines, "states_total": states, "working_set": working + staging, "activations": acts,
+            "total": total,
+            "states_keys": state_keys}

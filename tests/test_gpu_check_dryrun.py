@@ -37,7 +37,7 @@ def dry_run(tmp_path_factory):
     out = d / "gpu_check.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out),
-                           "--readme", str(readme)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                           "--readme", str(readme)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000)
     return dict(proc=proc, out=out, readme=readme, original=original, dir=d)
 
 

@@ -2,7 +2,7 @@
 
 One command (from the repository root)::
 
-    python -m engine.testbed.compare [--methods crd,nft,fdfo,didr,grpo] [--reward-calls N] [--samples-per-prompt 2]
+    python -m engine.testbed.compare [--methods crd,nft,fdfo,didr,grpo,grpo_fast] [--reward-calls N] [--samples-per-prompt 2]
                                      [--samples-per-family 64]
                                      [--out docs/results/testbed_comparison.md] [--runs runs/compare] [--jobs 1]
                                      [--reuse-existing] [--base checkpoints/testbed/base] [--base-cfg 4.5]
@@ -38,7 +38,7 @@ from engine.data.jsonl import read_jsonl
 
 #: the repository root (this file is engine/testbed/compare.py)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-METHODS = ("crd", "nft", "fdfo", "didr", "grpo")
+METHODS = ("crd", "nft", "fdfo", "didr", "grpo", "grpo_fast")
 
 
 def epochs_for(method: str, reward_calls: int) -> tuple[int, int]:
@@ -53,8 +53,9 @@ def epochs_for(method: str, reward_calls: int) -> tuple[int, int]:
 
 
 def train_command(method: str, epochs: int, base: str, run_dir: str) -> list[str]:
-    """``engine/train.py`` (one process) for one method of the comparison."""
-    return [sys.executable, os.path.join(ROOT, "engine", "train.py"), "--method", method,
+    """``engine/train.py`` (one process) for one method of the comparison (``method`` names the recipe
+    ``configs/testbed_<method>.yaml``, whose ``method`` key is the training method: ``grpo_fast`` trains grpo)."""
+    return [sys.executable, os.path.join(ROOT, "engine", "train.py"),
             "--config", os.path.join(ROOT, "configs", f"testbed_{method}.yaml"), f"train.epochs={epochs}",
             f"model.path={base}", f"output_dir={run_dir}", "checkpoint.every=0", "checkpoint.at_end=true",
             "eval.num_prompts=0", "log.tensorboard=false", "log.progress=false"]
