@@ -35,7 +35,10 @@ def dry_run(tmp_path_factory):
     original = open(os.path.join(ROOT, "benchmarks", "README.md")).read()
     readme.write_text(original)
     out = d / "gpu_check.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    from tests.test_engine_helpers import clean_env
+    # without this pytest process's rendezvous variables: an in-process engine test earlier in the session leaves
+    # MASTER_PORT behind, still held by its store (EADDRINUSE in the dry run's epoch)
+    env = {**clean_env(), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out),
                            "--readme", str(readme)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000)
     return dict(proc=proc, out=out, readme=readme, original=original, dir=d)
