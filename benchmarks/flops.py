@@ -110,13 +110,18 @@ def training_flops(forward_flops: float) -> float:
 PEAK_BF16 = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e12}
 
 
-def peak_flops(device_name: str) -> float | None:
-    """Dense bf16 peak of a CUDA device by name (None when unknown: then report FLOP/s, not MFU)."""
+def device_kind(device_name: str) -> str | None:
+    """The key of a CUDA device in the vendor-figure tables (``PEAK_BF16``, gpu_check's HBM table) by its name."""
     name = device_name.upper()
     if "H200" in name:
-        return PEAK_BF16["H200"]
+        return "H200"
     if "H100" in name:
-        return PEAK_BF16["H100 PCIe"] if "PCIE" in name else PEAK_BF16["H100 SXM"]
+        return "H100 PCIe" if "PCIE" in name else "H100 SXM"
     if "A100" in name:
-        return PEAK_BF16["A100"]
+        return "A100"
     return None
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak of a CUDA device by name (None when unknown: then report FLOP/s, not MFU)."""
+    return PEAK_BF16.get(device_kind(device_name))

@@ -55,7 +55,6 @@ import gc
 import json
 import math
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -82,14 +81,8 @@ HARD_STOP_GRACE_S = 45.0
 
 def hbm_bytes_per_s(device_name: str) -> float | None:
     """The HBM bandwidth of a CUDA device by name (None when unknown: then GB/s only, no fraction)."""
-    name = device_name.upper()
-    if "H200" in name:
-        return HBM_BYTES_PER_S["H200"]
-    if "H100" in name:
-        return HBM_BYTES_PER_S["H100 PCIe"] if "PCIE" in name else HBM_BYTES_PER_S["H100 SXM"]
-    if "A100" in name:
-        return HBM_BYTES_PER_S["A100"]
-    return None
+    from benchmarks.flops import device_kind
+    return HBM_BYTES_PER_S.get(device_kind(device_name))
 
 
 class Skip(Exception):
@@ -723,16 +716,8 @@ def render(res: dict) -> str:
 
 def write_table(text: str, path: str) -> None:
     """Replace the text between the markers of ``path`` (append the block at the end when they are absent)."""
-    with open(path) as f:
-        doc = f.read()
-    if BEGIN in doc and END in doc:
-        doc = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: text, doc, count=1, flags=re.S)
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(doc)
-    os.replace(tmp, path)
+    from benchmarks.report import write_section
+    write_section(text, path, start=BEGIN, end=END)
 
 
 def _finite(obj) -> bool:

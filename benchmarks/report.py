@@ -256,11 +256,12 @@ def render(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, path: str = README) -> None:
+def write_section(text: str, path: str = README, *, start: str = START, end: str = END) -> None:
+    """Replace the block between ``start`` and ``end`` in ``path`` (append it when they are absent), atomically."""
     with open(path) as f:
         doc = f.read()
-    if START in doc and END in doc:
-        doc = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: text, doc, flags=re.S)
+    if start in doc and end in doc:
+        doc = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: text, doc, count=1, flags=re.S)
     else:
         doc = doc.rstrip("\n") + "\n\n" + text + "\n"
     tmp = path + ".tmp"
